@@ -1,0 +1,1 @@
+"""SQL views shipped with runs-etl; the package exists so the views travel inside the wheel."""

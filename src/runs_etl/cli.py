@@ -1,0 +1,185 @@
+"""``runs-etl`` command line: a thin shell over importable functions.
+
+Each command builds ``Settings``, opens what it needs and calls one function. Expected failures
+(``RunsEtlError``) become one ``Error: ...`` line and an exit code; anything else is a bug and
+keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__, warehouse
+from .config import Settings, load_settings
+from .errors import EXIT_OK, RunsEtlError
+from .feedback import make_progress, setup_logging, summary_line
+from .sync import SyncResult, sync
+
+DEMO_RUNS = 20_000
+DEMO_DIR = Path("demo")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, metavar="FILE",
+                   help="TOML settings file (default: ./runs-etl.toml if present)")
+    p.add_argument("--duckdb-path", type=Path, metavar="FILE", help="DuckDB database file")
+    p.add_argument("--log-format", choices=["text", "json"], help="log line format")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary")
+    g.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def _api_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--api-url", metavar="URL", help="API base URL")
+    p.add_argument("--page-size", type=int, metavar="N", help="runs per request (1..100)")
+    p.add_argument("--concurrency", type=int, metavar="N", help="max requests in flight")
+    p.add_argument("--parquet-dir", type=Path, metavar="DIR", help="Parquet export root")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="runs-etl", description="Mirror every run of a Noxus workspace into DuckDB.")
+    parser.add_argument("--version", action="version", version=f"runs-etl {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("sync", help="one sync: walk the API, upsert into DuckDB")
+    _common(p)
+    _api_flags(p)
+    p.add_argument("--full-refresh", action="store_true",
+                   help="walk every page and apply deletes (only after a verified walk)")
+    p.add_argument("--allow-mass-delete", action="store_true",
+                   help="let a full refresh delete more than sync.max_delete_fraction")
+    p.set_defaults(func=cmd_sync)
+
+    p = sub.add_parser("schedule", help="run sync on the configured cron / interval until stopped")
+    _common(p)
+    _api_flags(p)
+    p.set_defaults(func=cmd_schedule)
+
+    p = sub.add_parser("export", help="write Parquet exports from the warehouse")
+    _common(p)
+    p.add_argument("--parquet-dir", type=Path, metavar="DIR", help="Parquet export root")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("status", help="last syncs from the ledger, row counts, freshness")
+    _common(p)
+    p.add_argument("--limit", type=int, default=10, help="syncs to show (default 10)")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("report", help="self-contained HTML report with charts")
+    _common(p)
+    p.add_argument("--out", type=Path, metavar="FILE", help="HTML file (default report.html "
+                   "beside the database)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("demo", help="sync the built-in simulator into ./demo/runs.duckdb")
+    p.add_argument("--runs", type=int, default=DEMO_RUNS, help="simulated runs (default 20000)")
+    p.add_argument("--dir", type=Path, default=DEMO_DIR, help="output folder (default ./demo)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    g.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace, env=None) -> Settings:
+    """Flags > environment > config file > defaults."""
+    overrides = {
+        "api": {"url": getattr(args, "api_url", None),
+                "page_size": getattr(args, "page_size", None),
+                "concurrency": getattr(args, "concurrency", None)},
+        "warehouse": {"duckdb_path": getattr(args, "duckdb_path", None)},
+        "export": {"parquet_dir": getattr(args, "parquet_dir", None)},
+        "logging": {"format": getattr(args, "log_format", None),
+                    "level": "debug" if getattr(args, "verbose", False) else None},
+    }
+    return load_settings(getattr(args, "config", None), os.environ if env is None else env,
+                         overrides)
+
+
+def run_sync(settings: Settings, *, quiet: bool = False, full_refresh: bool = False,
+             allow_mass_delete: bool = False, transport=None) -> SyncResult:
+    """Open the warehouse, sync once, close: what cron, the scheduler and the demo share."""
+    con = warehouse.connect(settings.warehouse.duckdb_path,
+                            memory_limit=settings.warehouse.memory_limit)
+    try:
+        with make_progress(quiet=quiet) as progress:
+            return sync(settings, con, transport=transport, progress=progress,
+                        full_refresh=full_refresh)
+    finally:
+        con.close()
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    setup_logging(settings.logging.format, settings.logging.level)
+    result = run_sync(settings, quiet=args.quiet, full_refresh=args.full_refresh,
+                      allow_mass_delete=args.allow_mass_delete)
+    if not args.quiet:
+        print(summary_line(result))
+    return EXIT_OK
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    from .scheduler import run_scheduler
+
+    settings = settings_from_args(args)
+    setup_logging(settings.logging.format, settings.logging.level)
+    return run_scheduler(settings)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_parquet
+
+    settings = settings_from_args(args)
+    setup_logging(settings.logging.format, settings.logging.level)
+    result = export_parquet(settings)
+    if not args.quiet:
+        print(result)
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .status import print_status
+
+    settings = settings_from_args(args)
+    print_status(settings, limit=args.limit)
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    settings = settings_from_args(args)
+    path = write_report(settings, out=args.out)
+    if not args.quiet:
+        print(f"report written to {path}")
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    setup_logging("text", "debug" if args.verbose else "warning")
+    return run_demo(runs=args.runs, out_dir=args.dir, quiet=args.quiet)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except RunsEtlError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("Error: interrupted; nothing partial was committed", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

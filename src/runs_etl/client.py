@@ -1,0 +1,226 @@
+"""HTTP access to the runs API: one request, classified once, retried with backoff and jitter.
+
+``classify`` is the single place that decides what an HTTP outcome means. ``ApiClient`` holds
+the concurrency limit, so every caller (page walks, single-run refreshes) shares one budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from enum import Enum
+
+import httpx
+
+from .config import Settings
+from .errors import (
+    ApiError,
+    AuthError,
+    FatalApiError,
+    RetryableApiError,
+)
+from .models import EnvelopeError, ParsedPage, Run, parse_page, parse_run
+
+RUNS_PATH = "/v1/runs"
+USER_AGENT = "runs-etl/0.1"
+# A server asking us to wait longer than this is treated as down rather than slept on.
+MAX_RETRY_AFTER = 300.0
+
+
+class Outcome(Enum):
+    OK = "ok"
+    RETRY = "retry"
+    AUTH = "auth"
+    NOT_FOUND = "not_found"
+    FATAL = "fatal"
+
+
+def classify(status: int) -> Outcome:
+    """What an HTTP status means for us: the only place that decides it."""
+    if 200 <= status < 300:
+        return Outcome.OK
+    if status in (401, 403):
+        return Outcome.AUTH
+    if status == 404:
+        return Outcome.NOT_FOUND
+    if status in (408, 425, 429) or status >= 500:
+        return Outcome.RETRY
+    return Outcome.FATAL
+
+
+def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """``Retry-After`` as seconds: a number, or an HTTP date relative to ``now``."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+
+
+@dataclass
+class RequestStats:
+    """Counters of one sync's traffic, reported in the ledger."""
+
+    requests: int = 0
+    retries: int = 0
+    bytes: int = 0
+    list_requests: int = 0
+    single_requests: int = 0
+    last_request_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FetchedPage:
+    number: int
+    seq: int  # order of arrival: a higher seq is a fresher view of a run
+    parsed: ParsedPage
+    request_id: str | None
+    nbytes: int
+
+    @property
+    def count(self) -> int:
+        return len(self.parsed.runs) + len(self.parsed.rejected)
+
+
+@dataclass
+class ApiClient:
+    """Fetch pages and single runs through an ``httpx.AsyncClient`` (inject a MockTransport)."""
+
+    http: httpx.AsyncClient
+    page_size: int
+    concurrency: int = 8
+    max_attempts: int = 6
+    backoff_base: float = 0.5
+    backoff_max: float = 30.0
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+    jitter: Callable[[], float] = random.random
+    stats: RequestStats = field(default_factory=RequestStats)
+
+    def __post_init__(self) -> None:
+        self._slots = asyncio.Semaphore(self.concurrency)
+        self._seq = itertools.count(1)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, transport: httpx.AsyncBaseTransport | None = None):
+        api = settings.api
+        http = httpx.AsyncClient(
+            base_url=api.url.rstrip("/"),
+            headers={"X-API-Key": settings.api_key(), "User-Agent": USER_AGENT},
+            timeout=api.timeout,
+            limits=httpx.Limits(max_connections=api.concurrency,
+                                max_keepalive_connections=api.concurrency),
+            transport=transport,
+            follow_redirects=True,
+        )
+        return cls(http, api.page_size, api.concurrency, api.max_attempts, api.backoff_base,
+                   api.backoff_max)
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    def backoff(self, attempt: int, retry_after: float | None) -> float:
+        """Wait before attempt ``attempt + 1``: the server's Retry-After, else full-jitter backoff."""
+        if retry_after is not None:
+            return min(retry_after, MAX_RETRY_AFTER)
+        ceiling = min(self.backoff_max, self.backoff_base * 2 ** (attempt - 1))
+        return ceiling * (0.5 + 0.5 * self.jitter())
+
+    async def fetch_page(self, number: int) -> FetchedPage:
+        """One page, retried until it is a valid envelope; records that fail are rejected, not fatal."""
+        params = {"page": number, "size": self.page_size}
+        body, request_id, seq = await self._get(RUNS_PATH, params, page=number, parse=parse_page)
+        self.stats.list_requests += 1
+        parsed, raw = body
+        return FetchedPage(number, seq, parsed, request_id, len(raw))
+
+    async def fetch_run(self, run_id: str) -> Run | None:
+        """``GET /v1/runs/{id}``; None when the run no longer exists (404)."""
+        try:
+            (run, _), _, _ = await self._get(f"{RUNS_PATH}/{run_id}", None, page=None,
+                                             parse=parse_run, missing_ok=True)
+        except _Missing:
+            return None
+        finally:
+            self.stats.single_requests += 1
+        return run
+
+    async def _get(self, path, params, *, page, parse, missing_ok=False):
+        url = f"{self.http.base_url}{path}"
+        last: ApiError | None = None
+        for attempt in range(1, self.max_attempts + 1):
+            if attempt > 1:
+                self.stats.retries += 1
+                assert last is not None
+                await self.sleep(self.backoff(attempt - 1, getattr(last, "retry_after", None)))
+            try:
+                async with self._slots:
+                    self.stats.requests += 1
+                    response = await self.http.get(path, params=params)
+                    seq = next(self._seq)
+            except httpx.TimeoutException as e:
+                last = RetryableApiError(f"timeout fetching {url}: {type(e).__name__}",
+                                         url=url, page=page)
+                continue
+            except httpx.TransportError as e:
+                last = RetryableApiError(f"cannot reach {url}: {e or type(e).__name__}",
+                                         url=url, page=page)
+                continue
+            request_id = response.headers.get("x-request-id")
+            self.stats.last_request_id = request_id or self.stats.last_request_id
+            self.stats.bytes += len(response.content)
+            kw = dict(url=url, status=response.status_code, page=page, request_id=request_id)
+            outcome = classify(response.status_code)
+            if outcome is Outcome.OK:
+                try:
+                    return (parse(response.content), response.content), request_id, seq
+                except EnvelopeError as e:
+                    last = RetryableApiError(f"malformed response from {url}: {e}", **kw)
+                    continue
+            if outcome is Outcome.AUTH:
+                raise AuthError(
+                    "the API rejected the API key: check RUNS_ETL_API_KEY "
+                    "(or RUNS_ETL_API_KEY_FILE / [api] key) for this workspace", **kw)
+            if outcome is Outcome.NOT_FOUND and missing_ok:
+                raise _Missing()
+            if outcome is Outcome.RETRY:
+                last = RetryableApiError(
+                    f"{url} answered {response.status_code}",
+                    retry_after=parse_retry_after(response.headers.get("retry-after")), **kw)
+                continue
+            raise FatalApiError(f"{url} answered {response.status_code}: "
+                                f"{_detail(response)}", **kw)
+        assert last is not None
+        raise type(last)(f"giving up: {last.message}", url=last.url, status=last.status,
+                         page=last.page, request_id=last.request_id, attempts=self.max_attempts)
+
+
+class _Missing(Exception):
+    pass
+
+
+def _detail(response: httpx.Response) -> str:
+    """The server's ``detail`` (FastAPI), shortened, so a 422 says which parameter was wrong."""
+    try:
+        detail = response.json().get("detail")
+    except (ValueError, AttributeError):
+        return response.text[:200]
+    if isinstance(detail, list):
+        return "; ".join(
+            f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg')}" for d in detail[:3]
+            if isinstance(d, dict)
+        )
+    return str(detail)[:200]

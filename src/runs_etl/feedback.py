@@ -1,0 +1,130 @@
+"""What a person sees: a live progress bar on a terminal, one summary line otherwise, and logging.
+
+Logging is text or JSON (``RUNS_ETL_LOG_FORMAT``) on stderr; the API key never reaches a log
+line because it is only ever held in the HTTP client's headers and a ``SecretStr``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from datetime import UTC, datetime
+from typing import TextIO
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+_STD_ATTRS = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg, plus any ``extra=`` fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for k, v in record.__dict__.items():
+            if k not in _STD_ATTRS and not k.startswith("_"):
+                out[k] = v
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str, ensure_ascii=False)
+
+
+def setup_logging(fmt: str = "text", level: str = "info", stream: TextIO | None = None) -> None:
+    handler = logging.StreamHandler(stream or sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("runs_etl")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False
+    # httpx logs every request at INFO: far too chatty for a thousand pages.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+class BarProgress:
+    """Rich progress bar: pages done / total, rows/s, ETA. Use as a context manager."""
+
+    def __init__(self, stream: TextIO | None = None):
+        self.console = Console(file=stream or sys.stderr)
+        self.bar = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("pages · {task.fields[rows]:,} runs · {task.fields[rate]:,.0f} runs/s"),
+            TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=True,
+        )
+        self.task = None
+        self.rows = 0
+        self.t0 = time.perf_counter()
+
+    def __enter__(self) -> BarProgress:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.__exit__(*exc)
+
+    def start_pass(self, number: int, pages: int | None) -> None:
+        label = "walking runs" if number == 1 else f"re-walk {number} (source moved)"
+        if self.task is not None:
+            self.bar.remove_task(self.task)
+        self.task = self.bar.add_task(label, total=pages, rows=self.rows, rate=0.0)
+
+    def advance(self, pages: int, rows: int) -> None:
+        self.rows += rows
+        rate = self.rows / max(time.perf_counter() - self.t0, 1e-6)
+        self.bar.update(self.task, advance=pages, rows=self.rows, rate=rate)
+        total = self.bar.tasks[0].total if self.bar.tasks else None
+        done = self.bar.tasks[0].completed if self.bar.tasks else 0
+        if total is not None and done > total:  # the source grew: let the bar grow too
+            self.bar.update(self.task, total=done)
+
+
+class QuietProgress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def start_pass(self, number: int, pages: int | None) -> None:
+        pass
+
+    def advance(self, pages: int, rows: int) -> None:
+        pass
+
+
+def make_progress(*, quiet: bool, stream: TextIO | None = None):
+    stream = stream or sys.stderr
+    if quiet or not stream.isatty():
+        return QuietProgress()
+    return BarProgress(stream)
+
+
+def summary_line(result) -> str:
+    """The one line per sync that cron mails and log search find."""
+    verified = "verified" if result.verified else "UNVERIFIED"
+    return (
+        f"sync {result.sync_id} {result.outcome}: mode={result.mode} ({verified}: "
+        f"{result.mode_reason}) pages={result.pages} requests={result.requests} "
+        f"retries={result.retries} runs={result.runs_seen} new={result.rows_new} "
+        f"updated={result.rows_updated} unchanged={result.rows_unchanged} "
+        f"deleted={result.rows_deleted} rejected={result.rows_rejected} "
+        f"extract={result.seconds_extract:.2f}s load={result.seconds_load:.2f}s "
+        f"total={result.seconds_total:.2f}s"
+    )

@@ -1,0 +1,158 @@
+"""Pydantic models of what the runs API really sends, validated a whole page at a time.
+
+Lenient where the API is loose (unknown fields kept in ``model_extra``, any status string, naive
+timestamps read as UTC, ``node_ids`` as list, object or null), strict where the warehouse needs it
+(a run without ``id`` or ``created_at`` cannot be stored and is rejected with its raw JSON).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+TERMINAL_STATUSES = frozenset({"completed", "failed", "stopped"})
+# Documented open statuses; any status not in TERMINAL_STATUSES is treated as open.
+OPEN_STATUSES = frozenset({"queued", "running", "awaiting_human_feedback"})
+
+
+def _as_utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+UtcDatetime = Annotated[datetime, AfterValidator(_as_utc)]
+
+
+class Workflow(BaseModel):
+    """The workflow embedded in a run: a snapshot as of the request, not as of the run."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    id: str = Field(min_length=1)
+    group_id: str | None = None
+    name: str | None = None
+    type: str | None = None
+    definition: Any = None
+    last_updated_at: UtcDatetime | None = None
+    last_run_at: UtcDatetime | None = None
+    created_at: UtcDatetime | None = None
+    deleted_at: UtcDatetime | None = None
+    runs_count: int | None = None
+    author_name: str | None = None
+    description: str | None = None
+    saved: bool | None = None
+    error_handler: str | None = None
+
+
+class Run(BaseModel):
+    """One element of ``items``; fields keep their API names."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    id: str = Field(min_length=1)
+    group_id: str | None = None
+    workflow_id: str | None = None
+    input: Any = None
+    node_ids: list[str] | dict[str, Any] | None = None
+    status: str
+    progress: int | None = None
+    definitions: Any = None
+    created_at: UtcDatetime
+    finished_at: UtcDatetime | None = None
+    workflow: Workflow | None = None
+    source: str | None = None
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+
+class PageEnvelope(BaseModel):
+    """fastapi-pagination's ``Page``; ``total``/``pages`` may be null on some servers."""
+
+    items: list[Run]
+    total: int | None = None
+    page: int | None = None
+    size: int | None = None
+    pages: int | None = None
+
+
+class _LooseEnvelope(BaseModel):
+    items: list[Any]
+    total: int | None = None
+    page: int | None = None
+    size: int | None = None
+    pages: int | None = None
+
+
+_PAGE = TypeAdapter(PageEnvelope)
+_LOOSE_PAGE = TypeAdapter(_LooseEnvelope)
+_RUN = TypeAdapter(Run)
+
+
+class EnvelopeError(ValueError):
+    """The body is not JSON or not the page envelope: the response itself is broken."""
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A record that could not be validated, kept with its raw JSON and the reason."""
+
+    index: int
+    raw: str
+    error: str
+    run_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedPage:
+    runs: list[Run]
+    rejected: list[Rejected]
+    total: int | None
+    pages: int | None
+
+
+def _short_errors(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors()[:5]:
+        loc = ".".join(str(p) for p in e["loc"])
+        parts.append(f"{loc}: {e['msg']}" if loc else e["msg"])
+    return "; ".join(parts)
+
+
+def parse_page(body: bytes) -> ParsedPage:
+    """Validate a page body in one pass; only on failure fall back to record-by-record."""
+    try:
+        env = _PAGE.validate_json(body)
+        return ParsedPage(env.items, [], env.total, env.pages)
+    except ValidationError as err:
+        if not all(e["loc"][:1] == ("items",) and len(e["loc"]) >= 2 for e in err.errors()):
+            raise EnvelopeError(f"not a page envelope: {_short_errors(err)}") from None
+    # Some records are bad but the envelope is fine: sort them out one by one.
+    try:
+        loose = _LOOSE_PAGE.validate_json(body)
+    except ValidationError as err:  # pragma: no cover - the first pass already proved the shape
+        raise EnvelopeError(f"not a page envelope: {_short_errors(err)}") from None
+    runs: list[Run] = []
+    rejected: list[Rejected] = []
+    for i, item in enumerate(loose.items):
+        try:
+            runs.append(_RUN.validate_python(item))
+        except ValidationError as err:
+            run_id = item.get("id") if isinstance(item, dict) else None
+            rejected.append(
+                Rejected(i, json.dumps(item, ensure_ascii=False), _short_errors(err),
+                         run_id if isinstance(run_id, str) else None)
+            )
+    return ParsedPage(runs, rejected, loose.total, loose.pages)
+
+
+def parse_run(body: bytes) -> Run:
+    """Validate the body of ``GET /v1/runs/{id}``."""
+    try:
+        return _RUN.validate_json(body)
+    except ValidationError as err:
+        raise EnvelopeError(f"not a run: {_short_errors(err)}") from None

@@ -1,0 +1,174 @@
+"""Walking every page of a live, unordered source and knowing whether the walk was complete.
+
+Offset paging over data that changes underneath shifts records between pages: an insert ahead
+of a page repeats a run on the next page (harmless, runs are deduplicated by id, the freshest
+snapshot wins), a delete ahead of a page skips one (dangerous). The algorithm:
+
+1. **Pass 1** fetches page 1, then pages 2..N with ``concurrency`` workers, then keeps going past
+   N until a short or empty page (the source may have grown). Every response carries ``total``.
+2. The pass is **clean** when every response reported the same ``total``, no run appeared twice,
+   and the distinct runs (+ rejected records) equal that total. Nothing moved: the walk is a
+   snapshot, hence complete.
+3. Otherwise the source moved, and another **pass** walks it again. A pass *converges* when it
+   discovers no run that earlier passes missed and that is older than the newest run they saw
+   (newer ones were created during the sync, not skipped). A clean or converged pass makes the
+   walk **verified**; after ``max_passes`` it is recorded as unverified (and deletes are not
+   applied from it).
+
+With null ``total`` a pass ends at the first short page and can never be clean, so such servers
+always get a confirming second pass. The bookkeeping (distinct ids, discoveries) is done in
+DuckDB by the sink, so memory stays flat however many runs there are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from .client import ApiClient, FetchedPage
+from .errors import WalkError
+
+
+@dataclass(frozen=True)
+class PassStats:
+    rows: int  # runs received in the pass (with repeats)
+    distinct: int  # distinct run ids in the pass
+    rejected: int  # records that failed validation in the pass
+    old_discoveries: int  # runs earlier passes missed that are not newer than what they saw
+
+
+class PageSink(Protocol):
+    async def put(self, page: FetchedPage) -> None: ...
+    async def flush(self) -> None: ...
+    async def pass_stats(self, first_seq: int, last_seq: int) -> PassStats: ...
+
+
+class Progress(Protocol):
+    def start_pass(self, number: int, pages: int | None) -> None: ...
+    def advance(self, pages: int, rows: int) -> None: ...
+
+
+class NullProgress:
+    def start_pass(self, number: int, pages: int | None) -> None:
+        pass
+
+    def advance(self, pages: int, rows: int) -> None:
+        pass
+
+
+@dataclass
+class WalkReport:
+    passes: int = 0
+    pages: int = 0
+    verified: bool = False
+    reason: str = ""
+    total_start: int | None = None
+    total_end: int | None = None
+    pass_ranges: list[tuple[int, int]] = field(default_factory=list)
+
+
+@dataclass
+class _Pass:
+    first_seq: int = 1 << 62
+    last_seq: int = 0
+    totals: set = field(default_factory=set)
+    pages: int = 0
+    last_total: int | None = None
+    last_total_seq: int = 0
+
+    def record(self, page: FetchedPage) -> None:
+        self.first_seq = min(self.first_seq, page.seq)
+        self.last_seq = max(self.last_seq, page.seq)
+        self.totals.add(page.parsed.total)
+        self.pages += 1
+        if page.seq > self.last_total_seq:
+            self.last_total, self.last_total_seq = page.parsed.total, page.seq
+
+
+async def walk_pages(client: ApiClient, sink: PageSink, first: FetchedPage, *, workers: int,
+                     max_pages: int, progress: Progress, state: _Pass) -> None:
+    """Fetch pages 2.. concurrently after ``first``, up to the advertised last page, then past it
+    (the source may have grown) until a short or empty page."""
+    size = client.page_size
+    full: dict[int, bool] = {}
+    first_short = [float("inf")]
+    cursor = [2]
+    limit: list[int | None] = [None]
+
+    async def take(page: FetchedPage) -> None:
+        state.record(page)
+        full[page.number] = page.count >= size
+        if page.count < size:
+            first_short[0] = min(first_short[0], page.number)
+        progress.advance(1, page.count)
+        await sink.put(page)
+
+    async def worker() -> None:
+        while True:
+            n = cursor[0]
+            if n > first_short[0]:
+                return  # a short page marks the end: nothing lies beyond it
+            if limit[0] is not None and n > limit[0]:
+                return
+            if n > max_pages:
+                raise WalkError(f"the server still returns data after {max_pages} pages; raise "
+                                "api.max_pages if the workspace really is this large", page=n)
+            cursor[0] += 1
+            await take(await client.fetch_page(n))
+
+    await take(first)
+    if not full[1]:
+        return
+    advertised = first.parsed.pages
+    if advertised is not None and advertised > 1:
+        limit[0] = advertised
+        await _gather(worker() for _ in range(workers))
+        if not full.get(advertised, False):
+            return
+    # Unknown end, or the last advertised page was full: probe on until a short page.
+    limit[0] = None
+    await _gather(worker() for _ in range(min(workers, 4)))
+
+
+async def _gather(coros) -> None:
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+async def full_walk(client: ApiClient, sink: PageSink, *, workers: int, max_pages: int,
+                    max_passes: int, progress: Progress | None = None) -> WalkReport:
+    """Walk every page until a pass is clean or converges (see module docstring)."""
+    progress = progress or NullProgress()
+    report = WalkReport()
+    for number in range(1, max_passes + 1):
+        first = await client.fetch_page(1)
+        if report.total_start is None:
+            report.total_start = first.parsed.total
+        progress.start_pass(number, first.parsed.pages)
+        state = _Pass()
+        await walk_pages(client, sink, first, workers=workers, max_pages=max_pages,
+                         progress=progress, state=state)
+        await sink.flush()
+        report.passes, report.pages = number, report.pages + state.pages
+        report.total_end = state.last_total
+        report.pass_ranges.append((state.first_seq, state.last_seq))
+        stats = await sink.pass_stats(state.first_seq, state.last_seq)
+        total = next(iter(state.totals)) if len(state.totals) == 1 else None
+        if total is not None and stats.rows == stats.distinct \
+                and stats.distinct + stats.rejected == total:
+            report.verified = True
+            report.reason = "clean walk" if number == 1 else f"clean walk on pass {number}"
+            return report
+        if number > 1 and stats.old_discoveries == 0:
+            report.verified = True
+            report.reason = f"converged after {number} passes"
+            return report
+    report.reason = f"source kept moving: not verified after {max_passes} passes"
+    return report
