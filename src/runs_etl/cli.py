@@ -8,19 +8,28 @@ keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import __version__, warehouse
 from .config import Settings, load_settings
 from .errors import EXIT_OK, RunsEtlError
-from .feedback import make_progress, setup_logging, summary_line
+from .feedback import log_failure, make_progress, setup_logging, summary_line
+from .lock import writer_lock
 from .sync import SyncResult, sync
 
 DEMO_RUNS = 20_000
 DEMO_DIR = Path("demo")
+# 128 + SIGINT, what shells report for Ctrl-C; SIGTERM ends a command the same way.
+EXIT_INTERRUPTED = 130
+
+log = logging.getLogger("runs_etl.cli")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -40,6 +49,12 @@ def _api_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parquet-dir", type=Path, metavar="DIR", help="Parquet export root")
 
 
+def _wait_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--wait", type=float, metavar="SECONDS",
+                   help="when another sync/export holds the warehouse, wait up to SECONDS for it "
+                        "(default 0: exit 75 at once)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="runs-etl", description="Mirror every run of a Noxus workspace into DuckDB.")
@@ -53,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="walk every page and apply deletes (only after a verified walk)")
     p.add_argument("--allow-mass-delete", action="store_true",
                    help="let a full refresh delete more than sync.max_delete_fraction")
+    _wait_flag(p)
     p.set_defaults(func=cmd_sync)
 
     p = sub.add_parser("schedule", help="run sync on the configured cron / interval until stopped")
@@ -63,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write Parquet exports from the warehouse")
     _common(p)
     p.add_argument("--parquet-dir", type=Path, metavar="DIR", help="Parquet export root")
+    _wait_flag(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("status", help="last syncs from the ledger, row counts, freshness")
@@ -92,7 +109,8 @@ def settings_from_args(args: argparse.Namespace, env=None) -> Settings:
         "api": {"url": getattr(args, "api_url", None),
                 "page_size": getattr(args, "page_size", None),
                 "concurrency": getattr(args, "concurrency", None)},
-        "warehouse": {"duckdb_path": getattr(args, "duckdb_path", None)},
+        "warehouse": {"duckdb_path": getattr(args, "duckdb_path", None),
+                      "lock_wait": getattr(args, "wait", None)},
         "export": {"parquet_dir": getattr(args, "parquet_dir", None)},
         "logging": {"format": getattr(args, "log_format", None),
                     "level": "debug" if getattr(args, "verbose", False) else None},
@@ -103,22 +121,29 @@ def settings_from_args(args: argparse.Namespace, env=None) -> Settings:
 
 def run_sync(settings: Settings, *, quiet: bool = False, full_refresh: bool = False,
              allow_mass_delete: bool = False, transport=None) -> SyncResult:
-    """Open the warehouse, sync once, close: what cron, the scheduler and the demo share."""
-    con = warehouse.connect(settings.warehouse.duckdb_path,
-                            memory_limit=settings.warehouse.memory_limit)
-    try:
-        with make_progress(quiet=quiet) as progress:
-            return sync(settings, con, transport=transport, progress=progress,
-                        full_refresh=full_refresh)
-    finally:
-        con.close()
+    """Take the writer lock, open the warehouse, sync once, close: what cron, the scheduler and
+    the demo share. Another writer on the same warehouse is ``LockedError`` (exit 75)."""
+    settings.api_key()  # a missing key is a config error before any file is locked or created
+    wh = settings.warehouse
+    with writer_lock(wh.duckdb_path, wh.lock_wait, command="runs-etl sync"):
+        con = warehouse.connect(wh.duckdb_path, memory_limit=wh.memory_limit)
+        try:
+            with make_progress(quiet=quiet) as progress:
+                return sync(settings, con, transport=transport, progress=progress,
+                            full_refresh=full_refresh, allow_mass_delete=allow_mass_delete)
+        finally:
+            con.close()
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     setup_logging(settings.logging.format, settings.logging.level)
-    result = run_sync(settings, quiet=args.quiet, full_refresh=args.full_refresh,
-                      allow_mass_delete=args.allow_mass_delete)
+    try:
+        result = run_sync(settings, quiet=args.quiet, full_refresh=args.full_refresh,
+                          allow_mass_delete=args.allow_mass_delete)
+    except RunsEtlError as e:
+        log_failure(log, "sync", e)  # the log line carries request id, status, exit code
+        raise
     if not args.quiet:
         print(summary_line(result))
     return EXIT_OK
@@ -137,7 +162,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     setup_logging(settings.logging.format, settings.logging.level)
-    result = export_parquet(settings)
+    wh = settings.warehouse
+    with writer_lock(wh.duckdb_path, wh.lock_wait, command="runs-etl export"):
+        result = export_parquet(settings)
     if not args.quiet:
         print(result)
     return EXIT_OK
@@ -168,17 +195,36 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(runs=args.runs, out_dir=args.dir, quiet=args.quiet)
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (systemd stop, ``kill``, ``timeout``) unwinds like Ctrl-C: the sync rolls back,
+    the ledger records the failure and the writer lock is released."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        with _sigterm_interrupts():
+            return args.func(args)
     except RunsEtlError as e:
         print(f"Error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("Error: interrupted; nothing partial was committed", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":  # pragma: no cover

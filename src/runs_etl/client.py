@@ -129,6 +129,10 @@ class ApiClient:
         return cls(http, api.page_size, api.concurrency, api.max_attempts, api.backoff_base,
                    api.backoff_max)
 
+    def next_seq(self) -> int:
+        """A seq later than every response so far (for snapshots assembled by the caller)."""
+        return next(self._seq)
+
     async def aclose(self) -> None:
         await self.http.aclose()
 

@@ -20,7 +20,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
-    model_validator,
+    field_validator,
 )
 
 from .errors import ConfigError
@@ -80,11 +80,14 @@ class ApiSettings(_Section):
     backoff_max: float = Field(30.0, ge=0, description="longest single wait, seconds")
     max_pages: int = Field(100_000, ge=1, description="guard against a server that never ends")
 
-    @model_validator(mode="after")
-    def _url_is_http(self) -> ApiSettings:
-        if not re.match(r"^https?://[^/\s]+", self.url):
-            raise ValueError(f"api.url must start with http:// or https://, got {self.url!r}")
-        return self
+    # A field validator (not a model "after" validator) so a bad URL is reported together with
+    # every other problem of the section.
+    @field_validator("url")
+    @classmethod
+    def _url_is_http(cls, url: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", url):
+            raise ValueError(f"must start with http:// or https://, got {url!r}")
+        return url
 
 
 class WarehouseSettings(_Section):

@@ -20,7 +20,7 @@ LEDGER_FIELDS = (
 
 def mark_abandoned(con) -> int:
     """Rows left ``running`` by a killed process: only called while holding the writer lock."""
-    (n,) = con.execute("SELECT count(*) FROM sync_runs WHERE outcome = 'running'").fetchone()
+    (n,) = con.execute("SELECT count(*) FROM sync_runs WHERE outcome = 'running'").fetchall()[0]
     if n:
         con.execute("UPDATE sync_runs SET outcome = 'abandoned', error = coalesce(error, "
                     "'the process stopped before finishing (killed or crashed)') "
@@ -30,7 +30,7 @@ def mark_abandoned(con) -> int:
 
 def open_attempt(con, api_url: str) -> int:
     """Insert and commit a ``running`` row; returns its sync_id."""
-    (sync_id,) = con.execute("SELECT coalesce(max(sync_id), 0) + 1 FROM sync_runs").fetchone()
+    (sync_id,) = con.execute("SELECT coalesce(max(sync_id), 0) + 1 FROM sync_runs").fetchall()[0]
     con.execute("INSERT INTO sync_runs (sync_id, started_at, outcome, api_url) "
                 "VALUES (?, now(), 'running', ?)", [sync_id, api_url])
     return sync_id
@@ -46,8 +46,8 @@ def close_attempt(con, sync_id: int, outcome: str, fields: dict[str, Any]) -> No
 
 
 def get_state(con, key: str, default: Any = None) -> Any:
-    row = con.execute("SELECT value FROM sync_state WHERE key = ?", [key]).fetchone()
-    return default if row is None or row[0] is None else json.loads(row[0])
+    rows = con.execute("SELECT value FROM sync_state WHERE key = ?", [key]).fetchall()
+    return default if not rows or rows[0][0] is None else json.loads(rows[0][0])
 
 
 def set_state(con, key: str, value: Any) -> None:

@@ -8,8 +8,11 @@ behind a lock, so at most ``batch_pages`` pages (plus those in flight) are ever 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
+from datetime import UTC, datetime
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import httpx
@@ -19,8 +22,18 @@ from . import ledger, warehouse
 from .client import ApiClient, FetchedPage
 from .config import Settings
 from .errors import DataError
+from .load import REJECTED_SCHEMA, Stage
 from .normalize import normalize
-from .walk import NullProgress, PassStats, Progress, WalkReport, full_walk
+from .extract import (
+    NEWEST_FIRST,
+    STATE_LAST_FULL,
+    STATE_ORDER,
+    Extracted,
+    Plan,
+    extract,
+    plan_sync,
+)
+from .walk import NullProgress, PassStats, Progress
 
 log = logging.getLogger("runs_etl.sync")
 
@@ -61,31 +74,62 @@ class SyncResult:
         return {k: v for k, v in asdict(self).items() if k in ledger.LEDGER_FIELDS}
 
 
-REJECTED_SCHEMA = pa.schema([("page", pa.int32()), ("item_index", pa.int32()),
-                             ("run_id", pa.string()), ("error", pa.string()),
-                             ("raw", pa.string()), ("_seq", pa.int64())])
-
-
 class StagingSink:
-    """Collects fetched pages and stages them into DuckDB ``batch_pages`` at a time."""
+    """Stages fetched pages into DuckDB ``batch_pages`` at a time, off the fetching path.
 
-    def __init__(self, stage: warehouse.Stage, batch_pages: int):
+    Fetch workers only enqueue; one consumer task validates nothing and blocks nobody while it
+    normalizes and inserts a batch in a worker thread. The bounded queue is the backpressure that
+    keeps memory flat when DuckDB is slower than the network.
+    """
+
+    def __init__(self, stage: Stage, batch_pages: int):
         self.stage = stage
         self.batch_pages = batch_pages
-        self.buffer: list[FetchedPage] = []
-        self.lock = asyncio.Lock()
         self.seconds = 0.0
+        self._queue: asyncio.Queue | None = None
+        self._consumer: asyncio.Task | None = None
+
+    def _ensure_consumer(self) -> asyncio.Queue:
+        if self._queue is None:
+            self._queue = asyncio.Queue(maxsize=self.batch_pages)
+            self._consumer = asyncio.ensure_future(self._consume(self._queue))
+        return self._queue
 
     async def put(self, page: FetchedPage) -> None:
-        self.buffer.append(page)
-        if len(self.buffer) >= self.batch_pages:
-            await self.flush()
+        queue = self._ensure_consumer()
+        if self._consumer.done():  # it failed: surface its error instead of queueing forever
+            self._consumer.result()
+        await queue.put(page)
 
     async def flush(self) -> None:
-        async with self.lock:
-            pages, self.buffer = self.buffer, []
-            if pages:
-                await asyncio.to_thread(self._stage, pages)
+        """Wait until everything queued so far is staged (and raise what staging raised)."""
+        queue = self._ensure_consumer()
+        done = asyncio.get_running_loop().create_future()
+        await queue.put(done)
+        await asyncio.wait([done, self._consumer], return_when=asyncio.FIRST_COMPLETED)
+        if self._consumer.done():
+            self._consumer.result()
+        await done
+
+    async def aclose(self) -> None:
+        if self._consumer is not None:
+            self._consumer.cancel()
+            await asyncio.gather(self._consumer, return_exceptions=True)
+
+    async def _consume(self, queue: asyncio.Queue) -> None:
+        buffer: list[FetchedPage] = []
+        while True:
+            item = await queue.get()
+            if isinstance(item, asyncio.Future):
+                if buffer:
+                    await asyncio.to_thread(self._stage, buffer)
+                    buffer = []
+                item.set_result(None)
+                continue
+            buffer.append(item)
+            if len(buffer) >= self.batch_pages:
+                await asyncio.to_thread(self._stage, buffer)
+                buffer = []
 
     def _stage(self, pages: list[FetchedPage]) -> None:
         t0 = time.perf_counter()
@@ -95,68 +139,72 @@ class StagingSink:
             seqs.extend([p.seq] * len(p.parsed.runs))
             rejected.extend((p.number, r.index, r.run_id, r.error, r.raw, p.seq)
                             for r in p.parsed.rejected)
-        self.stage.add(normalize(runs, seqs))
+        rejected_table = None
         if rejected:
-            cols = list(zip(*rejected))
-            self.stage.add_rejected(pa.table(
-                {name: list(col) for name, col in zip(REJECTED_SCHEMA.names, cols)},
-                schema=REJECTED_SCHEMA))
+            rejected_table = pa.table(dict(zip(REJECTED_SCHEMA.names, map(list, zip(*rejected)))),
+                                      schema=REJECTED_SCHEMA)
+        self.stage.add(normalize(runs, seqs), rejected_table)
         self.seconds += time.perf_counter() - t0
 
     async def pass_stats(self, first_seq: int, last_seq: int) -> PassStats:
         return await asyncio.to_thread(self._pass_stats, first_seq, last_seq)
 
     def _pass_stats(self, lo: int, hi: int) -> PassStats:
-        con = self.stage.con
-        rows, distinct = con.execute(
-            "SELECT count(*), count(DISTINCT id) FROM stage_runs WHERE _seq BETWEEN ? AND ?",
-            [lo, hi]).fetchone()
-        (rejected,) = con.execute(
-            "SELECT count(*) FROM stage_rejected WHERE _seq BETWEEN ? AND ?", [lo, hi]).fetchone()
-        (old,) = con.execute("""
-            SELECT count(DISTINCT id) FROM stage_runs
-            WHERE _seq BETWEEN $lo AND $hi
-              AND created_at <= (SELECT max(created_at) FROM stage_runs WHERE _seq < $lo)
-              AND id NOT IN (SELECT id FROM stage_runs WHERE _seq < $lo)
-        """, {"lo": lo, "hi": hi}).fetchone()
-        return PassStats(rows, distinct, rejected, old)
+        return PassStats(self.stage.distinct_between(lo, hi), self.stage.old_discoveries(lo, hi))
 
 
-async def _extract(settings: Settings, sink: StagingSink, result: SyncResult,
+async def _extract(settings: Settings, plan: Plan, sink: StagingSink, reader, result: SyncResult,
                    transport: httpx.AsyncBaseTransport | None,
-                   progress: Progress) -> WalkReport:
+                   progress: Progress) -> Extracted:
     client = ApiClient.from_settings(settings, transport=transport)
     try:
-        return await full_walk(client, sink, workers=settings.api.concurrency,
-                               max_pages=settings.api.max_pages,
-                               max_passes=settings.sync.max_walk_passes, progress=progress)
+        return await extract(plan, client, sink, reader, settings, progress)
     finally:
+        await sink.aclose()
         s = client.stats
         result.requests, result.retries, result.bytes = s.requests, s.retries, s.bytes
         result.single_run_requests = s.single_requests
         await client.aclose()
 
 
+@contextmanager
+def _fewer_gc_passes():
+    """A walk allocates millions of short-lived, acyclic objects (parsed pages); the default
+    gen-0 threshold (700) makes the cycle collector rescan them constantly. Measured: ~10%
+    faster extract at 100k runs. Reference counting still frees everything at once."""
+    before = gc.get_threshold()
+    gc.set_threshold(50_000, before[1], before[2])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
+
+
 def sync(settings: Settings, con, *, transport: httpx.AsyncBaseTransport | None = None,
-         progress: Progress | None = None, full_refresh: bool = False) -> SyncResult:
+         progress: Progress | None = None, full_refresh: bool = False,
+         allow_mass_delete: bool = False) -> SyncResult:
     """Mirror the API into ``con`` in one transaction; the ledger records success or failure."""
     settings.api_key()  # fail on a missing key before touching the warehouse
     t_start = time.perf_counter()
     warehouse.migrate(con)
     ledger.mark_abandoned(con)
-    result = SyncResult(sync_id=ledger.open_attempt(con, settings.api.url))
+    plan = plan_sync(con, settings, full_refresh=full_refresh)
+    result = SyncResult(sync_id=ledger.open_attempt(con, settings.api.url), mode=plan.mode,
+                        mode_reason=plan.reason)
+    reader = con.cursor()  # sees the last commit while the sync's transaction stages data
     con.begin()
+    stage = None
     try:
-        stage = warehouse.Stage(con)
+        stage = Stage(con, result.sync_id)
         sink = StagingSink(stage, settings.sync.batch_pages)
         t0 = time.perf_counter()
-        report = asyncio.run(_extract(settings, sink, result, transport,
-                                      progress or NullProgress()))
+        with _fewer_gc_passes():
+            extracted = asyncio.run(_extract(settings, plan, sink, reader, result, transport,
+                                             progress or NullProgress()))
         result.seconds_extract = time.perf_counter() - t0
-        _record_walk(result, report)
+        _record_walk(result, extracted)
         t1 = time.perf_counter()
-        _load(con, settings, result)
-        stage.drop()
+        _finish_load(stage, settings, result, extracted, allow_mass_delete)
         result.seconds_load = time.perf_counter() - t1 + sink.seconds
         result.seconds_total = time.perf_counter() - t_start
         result.outcome = "success"
@@ -169,30 +217,55 @@ def sync(settings: Settings, con, *, transport: httpx.AsyncBaseTransport | None 
         result.seconds_total = time.perf_counter() - t_start
         ledger.close_attempt(con, result.sync_id, "failed", result.ledger_fields())
         raise
-    log.info("sync %s done", result.sync_id, extra={"sync": result.ledger_fields()})
+    finally:
+        reader.close()
+        if stage is not None:
+            stage.close()
+    log.info("sync %s %s: mode=%s verified=%s pages=%s requests=%s retries=%s new=%s updated=%s "
+             "unchanged=%s deleted=%s rejected=%s extract=%.2fs load=%.2fs total=%.2fs",
+             result.sync_id, result.outcome, result.mode, result.verified, result.pages,
+             result.requests, result.retries, result.rows_new, result.rows_updated,
+             result.rows_unchanged, result.rows_deleted, result.rows_rejected,
+             result.seconds_extract, result.seconds_load, result.seconds_total,
+             extra={"event": "sync_finished", "sync_id": result.sync_id,
+                    "outcome": result.outcome, "sync": result.ledger_fields()})
     return result
 
 
-def _record_walk(result: SyncResult, report: WalkReport) -> None:
+def _record_walk(result: SyncResult, extracted: Extracted) -> None:
+    report = extracted.walk
+    result.mode, result.mode_reason = extracted.mode, extracted.reason
     result.walk_passes, result.pages = report.passes, report.pages
-    result.verified, result.mode_reason = report.verified, report.reason
+    result.verified = extracted.full_walk and report.verified
     result.total_start, result.total_end = report.total_start, report.total_end
 
 
-def _load(con, settings: Settings, result: SyncResult) -> None:
+def _finish_load(stage: Stage, settings: Settings, result: SyncResult, extracted: Extracted,
+                 allow_mass_delete: bool) -> None:
     """Everything after the walk, inside the sync's transaction."""
-    (seen,) = con.execute("SELECT count(DISTINCT id) FROM stage_runs").fetchone()
-    (rejected,) = con.execute("SELECT count(*) FROM stage_rejected").fetchone()
-    result.runs_seen, result.rows_rejected = seen, rejected
-    received = seen + rejected
+    con = stage.con
+    (rejected,) = con.execute("SELECT count(*) FROM stage_rejected").fetchall()[0]
+    (result.runs_seen,) = con.execute("SELECT count(DISTINCT id) FROM stage_runs").fetchall()[0]
+    result.rows_rejected = rejected
+    received = result.runs_seen + rejected
     if received and rejected / received > settings.sync.max_reject_fraction:
         raise DataError(
             f"{rejected} of {received} records failed validation "
             f"({rejected / received:.1%} > sync.max_reject_fraction "
             f"{settings.sync.max_reject_fraction:.1%}); nothing was committed. First problem: "
-            + con.execute("SELECT error FROM stage_rejected LIMIT 1").fetchone()[0])
-    counts = warehouse.merge(con, result.sync_id)
-    for k, v in asdict(counts).items():
+            + con.execute("SELECT error FROM stage_rejected LIMIT 1").fetchall()[0][0])
+    for k, v in asdict(stage.merge()).items():
         setattr(result, k, v)
-    warehouse.save_rejected(con, result.sync_id)
-    warehouse.apply_views(con)
+    # Absent from a verified complete walk = deleted; a 404 by id = deleted. Nothing else is.
+    result.rows_deleted = stage.mark_deleted(
+        absent=result.verified, ids=extracted.missing_ids,
+        max_fraction=None if allow_mass_delete else settings.sync.max_delete_fraction)
+    stage.save_rejected()
+    warehouse.apply_views(con, settings=settings)
+    if extracted.full_walk and extracted.walk.newest_first is not None:
+        ledger.set_state(con, STATE_ORDER,
+                         NEWEST_FIRST if extracted.walk.newest_first else "unordered")
+    elif extracted.walk.newest_first is False:
+        ledger.set_state(con, STATE_ORDER, "unordered")
+    if result.verified:
+        ledger.set_state(con, STATE_LAST_FULL, datetime.now(UTC).isoformat())

@@ -23,18 +23,18 @@ DuckDB by the sink, so memory stays flat however many runs there are.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from .client import ApiClient, FetchedPage
 from .errors import WalkError
+from .models import utc
 
 
 @dataclass(frozen=True)
 class PassStats:
-    rows: int  # runs received in the pass (with repeats)
     distinct: int  # distinct run ids in the pass
-    rejected: int  # records that failed validation in the pass
     old_discoveries: int  # runs earlier passes missed that are not newer than what they saw
 
 
@@ -65,51 +65,72 @@ class WalkReport:
     reason: str = ""
     total_start: int | None = None
     total_end: int | None = None
+    newest_first: bool | None = None  # did every page walked run newest-first?
+    stopped_early: bool = False  # an incremental walk reached already-synced history
     pass_ranges: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass
 class _Pass:
+    """What one pass saw: seq range, reported totals, and each page's created_at bounds."""
+
     first_seq: int = 1 << 62
     last_seq: int = 0
     totals: set = field(default_factory=set)
     pages: int = 0
     last_total: int | None = None
     last_total_seq: int = 0
+    rows: int = 0  # runs received, repeats included
+    rejected: int = 0  # records that failed validation
+    bounds: dict[int, tuple] = field(default_factory=dict)  # page -> (newest, oldest)
+    sorted_within: bool = True
 
     def record(self, page: FetchedPage) -> None:
         self.first_seq = min(self.first_seq, page.seq)
         self.last_seq = max(self.last_seq, page.seq)
         self.totals.add(page.parsed.total)
         self.pages += 1
+        self.rows += len(page.parsed.runs)
+        self.rejected += len(page.parsed.rejected)
         if page.seq > self.last_total_seq:
             self.last_total, self.last_total_seq = page.parsed.total, page.seq
+        created = [utc(r.created_at) for r in page.parsed.runs]
+        if created:
+            self.sorted_within &= all(a >= b for a, b in zip(created, created[1:]))
+            self.bounds[page.number] = (created[0], created[-1])
+
+    def newest_first(self) -> bool:
+        """Newest-first within every page and across consecutive pages (ties allowed)."""
+        if not self.sorted_within:
+            return False
+        numbers = sorted(self.bounds)
+        return all(self.bounds[a][1] >= self.bounds[b][0]
+                   for a, b in zip(numbers, numbers[1:]) if b == a + 1)
 
 
 async def walk_pages(client: ApiClient, sink: PageSink, first: FetchedPage, *, workers: int,
-                     max_pages: int, progress: Progress, state: _Pass) -> None:
+                     max_pages: int, progress: Progress, state: _Pass,
+                     stop_after: Callable[[FetchedPage], Awaitable[bool]] | None = None) -> None:
     """Fetch pages 2.. concurrently after ``first``, up to the advertised last page, then past it
-    (the source may have grown) until a short or empty page."""
+    (the source may have grown) until a short or empty page, or a page ``stop_after`` accepts."""
     size = client.page_size
     full: dict[int, bool] = {}
-    first_short = [float("inf")]
+    end = [float("inf")]  # no page after this one can matter
     cursor = [2]
     limit: list[int | None] = [None]
 
     async def take(page: FetchedPage) -> None:
         state.record(page)
         full[page.number] = page.count >= size
-        if page.count < size:
-            first_short[0] = min(first_short[0], page.number)
+        if page.count < size or (stop_after is not None and await stop_after(page)):
+            end[0] = min(end[0], page.number)
         progress.advance(1, page.count)
         await sink.put(page)
 
     async def worker() -> None:
         while True:
             n = cursor[0]
-            if n > first_short[0]:
-                return  # a short page marks the end: nothing lies beyond it
-            if limit[0] is not None and n > limit[0]:
+            if n > end[0] or (limit[0] is not None and n > limit[0]):
                 return
             if n > max_pages:
                 raise WalkError(f"the server still returns data after {max_pages} pages; raise "
@@ -118,17 +139,23 @@ async def walk_pages(client: ApiClient, sink: PageSink, first: FetchedPage, *, w
             await take(await client.fetch_page(n))
 
     await take(first)
-    if not full[1]:
+    if end[0] == 1:
         return
     advertised = first.parsed.pages
     if advertised is not None and advertised > 1:
         limit[0] = advertised
         await _gather(worker() for _ in range(workers))
-        if not full.get(advertised, False):
+        if end[0] <= advertised or not full.get(advertised, False):
             return
-    # Unknown end, or the last advertised page was full: probe on until a short page.
+    # The last advertised page was full: the source grew. Probe one page (usually empty),
+    # then walk on concurrently if it was not.
+    if advertised is not None:
+        limit[0] = cursor[0]
+        await worker()
+        if end[0] < cursor[0]:
+            return
     limit[0] = None
-    await _gather(worker() for _ in range(min(workers, 4)))
+    await _gather(worker() for _ in range(workers))
 
 
 async def _gather(coros) -> None:
@@ -156,13 +183,11 @@ async def full_walk(client: ApiClient, sink: PageSink, *, workers: int, max_page
         await walk_pages(client, sink, first, workers=workers, max_pages=max_pages,
                          progress=progress, state=state)
         await sink.flush()
-        report.passes, report.pages = number, report.pages + state.pages
-        report.total_end = state.last_total
-        report.pass_ranges.append((state.first_seq, state.last_seq))
+        _account(report, state, number)
         stats = await sink.pass_stats(state.first_seq, state.last_seq)
         total = next(iter(state.totals)) if len(state.totals) == 1 else None
-        if total is not None and stats.rows == stats.distinct \
-                and stats.distinct + stats.rejected == total:
+        if total is not None and state.rows == stats.distinct \
+                and stats.distinct + state.rejected == total:
             report.verified = True
             report.reason = "clean walk" if number == 1 else f"clean walk on pass {number}"
             return report
@@ -171,4 +196,37 @@ async def full_walk(client: ApiClient, sink: PageSink, *, workers: int, max_page
             report.reason = f"converged after {number} passes"
             return report
     report.reason = f"source kept moving: not verified after {max_passes} passes"
+    return report
+
+
+def _account(report: WalkReport, state: _Pass, number: int) -> None:
+    report.passes, report.pages = number, report.pages + state.pages
+    report.total_end = state.last_total
+    report.pass_ranges.append((state.first_seq, state.last_seq))
+    ordered = state.newest_first()
+    report.newest_first = ordered if report.newest_first is None else (
+        report.newest_first and ordered)
+
+
+async def head_walk(client: ApiClient, sink: PageSink, *, workers: int, max_pages: int,
+                    stop_after: Callable[[FetchedPage], Awaitable[bool]],
+                    progress: Progress | None = None) -> WalkReport:
+    """Incremental walk: pages from the newest until ``stop_after`` accepts a page.
+
+    Pages are fetched a few at a time (the stop is usually within the first pages) and the
+    newest-first order is re-verified on everything walked; the caller falls back to a full
+    walk when it does not hold.
+    """
+    progress = progress or NullProgress()
+    report = WalkReport()
+    first = await client.fetch_page(1)
+    report.total_start = first.parsed.total
+    progress.start_pass(1, None)
+    state = _Pass()
+    await walk_pages(client, sink, first, workers=max(1, min(workers, 4)), max_pages=max_pages,
+                     progress=progress, state=state, stop_after=stop_after)
+    await sink.flush()
+    _account(report, state, 1)
+    last = max(state.bounds) if state.bounds else 1
+    report.stopped_early = first.parsed.pages is None or last < (first.parsed.pages or 0)
     return report

@@ -1,0 +1,149 @@
+"""Benchmark: full and incremental sync of N simulated runs vs the fetch floor.
+
+    .venv/bin/python benchmarks/bench_sync.py --runs 100000
+
+The simulator runs in its own process (so it does not share our GIL), commanded over a pipe.
+Each sync runs as a child process (``python -m runs_etl sync``) so its peak RSS is its own.
+The *fetch floor* is a bare httpx client fetching and ``json.loads``-ing every page with the same
+concurrency: what any tool must at least spend. Prints a JSON report and a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import duckdb
+import httpx
+
+
+def _serve(n_runs: int, conn) -> None:
+    from runs_etl.sim import Simulator
+
+    sim = Simulator(n_runs, seed=7)
+    conn.send(sim.start())
+    while True:
+        cmd, args = conn.recv()
+        if cmd == "stop":
+            sim.stop()
+            conn.send(None)
+            return
+        if cmd == "stats":
+            conn.send({"requests": sim.request_count, "bytes": sim.bytes_sent})
+            continue
+        conn.send(getattr(sim, cmd)(*args))
+
+
+class SimProcess:
+    def __init__(self, n_runs: int):
+        self.conn, child = mp.Pipe()
+        self.proc = mp.Process(target=_serve, args=(n_runs, child), daemon=True)
+        self.proc.start()
+        self.url = self.conn.recv()
+
+    def call(self, cmd: str, *args):
+        self.conn.send((cmd, args))
+        return self.conn.recv()
+
+    def stop(self) -> None:
+        self.call("stop")
+        self.proc.join(10)
+
+
+async def _fetch_floor(url: str, key: str, concurrency: int, size: int) -> dict:
+    t0 = time.perf_counter()
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, headers={"X-API-Key": key}, limits=limits,
+                                 timeout=60) as http:
+        first = (await http.get("/v1/runs", params={"page": 1, "size": size})).json()
+        pages = first["pages"]
+        sem = asyncio.Semaphore(concurrency)
+        nbytes = [0]
+
+        async def one(p: int) -> int:
+            async with sem:
+                r = await http.get("/v1/runs", params={"page": p, "size": size})
+            nbytes[0] += len(r.content)
+            return len(json.loads(r.content)["items"])
+
+        counts = await asyncio.gather(*(one(p) for p in range(2, pages + 1)))
+    runs = len(first["items"]) + sum(counts)
+    return {"seconds": time.perf_counter() - t0, "runs": runs, "pages": pages,
+            "bytes": nbytes[0]}
+
+
+def _sync(url: str, db: Path, *extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RUNS_ETL_")}
+    env.update(RUNS_ETL_API_URL=url, RUNS_ETL_API_KEY="sim-key", RUNS_ETL_DUCKDB_PATH=str(db))
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "runs_etl", "sync", "--quiet", *extra], env=env,
+                   check=True)
+    seconds = time.perf_counter() - t0
+    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    con = duckdb.connect(str(db), read_only=True)
+    row = con.execute("SELECT mode, pages, requests, single_run_requests, bytes, runs_seen, "
+                      "rows_new, rows_updated, rows_unchanged, rows_deleted FROM sync_runs "
+                      "ORDER BY sync_id DESC LIMIT 1").fetchone()
+    con.close()
+    keys = ["mode", "pages", "requests", "single_run_requests", "bytes", "runs_seen",
+            "rows_new", "rows_updated", "rows_unchanged", "rows_deleted"]
+    out = dict(zip(keys, row))
+    out["seconds"] = seconds
+    # ru_maxrss of children is the max over all children so far: only a lower bound for later
+    # runs, exact for the first (largest) one.
+    out["peak_rss_mb"] = peak_kb / 1024 if peak_kb > before else None
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=100_000)
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--change-fraction", type=float, default=0.01)
+    args = ap.parse_args(argv)
+    sim = SimProcess(args.runs)
+    report: dict = {"runs": args.runs, "concurrency": args.concurrency}
+    try:
+        report["fetch_floor"] = asyncio.run(_fetch_floor(sim.url, "sim-key", args.concurrency, 100))
+        with tempfile.TemporaryDirectory() as tmp:
+            db = Path(tmp) / "bench.duckdb"
+            report["full_sync"] = _sync(sim.url, db)
+            n = max(1, int(args.runs * args.change_fraction))
+            sim.call("add_runs", n // 2)
+            sim.call("transition", n - n // 2)
+            report["incremental_sync"] = _sync(sim.url, db)
+            report["full_refresh"] = _sync(sim.url, db, "--full-refresh")
+            report["db_mb"] = db.stat().st_size / 2**20
+    finally:
+        sim.stop()
+    floor, full, inc = report["fetch_floor"], report["full_sync"], report["incremental_sync"]
+    report["full_vs_floor"] = full["seconds"] / floor["seconds"]
+    report["incremental_bytes_share"] = inc["bytes"] / full["bytes"]
+    report["incremental_time_share"] = inc["seconds"] / full["seconds"]
+    print(json.dumps(report, indent=2, default=str))
+    print(f"\n| measure ({args.runs:,} runs) | seconds | runs/s | requests | MB transferred "
+          "| peak RSS MB |\n|---|---|---|---|---|---|")
+    print(f"| fetch floor (bare httpx + json) | {floor['seconds']:.2f} | "
+          f"{floor['runs'] / floor['seconds']:,.0f} | {floor['pages']} | "
+          f"{floor['bytes'] / 2**20:.1f} | |")
+    for name in ("full_sync", "incremental_sync", "full_refresh"):
+        r = report[name]
+        rss = f"{r['peak_rss_mb']:.0f}" if r["peak_rss_mb"] else "≤ above"
+        print(f"| {name.replace('_', ' ')} | {r['seconds']:.2f} | "
+              f"{r['runs_seen'] / r['seconds']:,.0f} | {r['requests']} | "
+              f"{r['bytes'] / 2**20:.1f} | {rss} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+-- run_facts: one row per live run (soft-deleted runs excluded), joined to its workflow, with the
+-- duration of terminal runs and UTC grouping keys. Every other run view builds on this one.
+-- timezone('UTC', ts) turns a TIMESTAMPTZ into a UTC wall-clock TIMESTAMP, so dates and hours are
+-- UTC whatever the TimeZone setting of the session reading the view.
+CREATE OR REPLACE VIEW run_facts AS
+SELECT
+    r.id                                                        AS run_id,
+    r.group_id,
+    r.workflow_id,
+    w.name                                                      AS workflow_name,
+    w.type                                                      AS workflow_type,
+    r.status,
+    coalesce(r.status IN ('completed', 'failed', 'stopped'), false) AS is_terminal,
+    r.progress,
+    r.source,
+    r.created_at,
+    r.finished_at,
+    CASE WHEN r.status IN ('completed', 'failed', 'stopped')
+         THEN CAST(epoch_us(r.finished_at) - epoch_us(r.created_at) AS DOUBLE) / 1000000
+    END                                                         AS duration_seconds,
+    CAST(timezone('UTC', r.created_at) AS DATE)                 AS created_date,
+    date_trunc('hour', timezone('UTC', r.created_at))           AS created_hour,
+    CAST(hour(timezone('UTC', r.created_at)) AS INTEGER)        AS created_hour_of_day
+FROM runs AS r
+LEFT JOIN workflows AS w ON w.id = r.workflow_id
+WHERE r._deleted_at IS NULL;

@@ -1,0 +1,234 @@
+"""Parquet exports for BI tools, published atomically by switching one symlink.
+
+Layout under ``export.parquet_dir`` (point BI tools at ``<root>/current/<table>/``)::
+
+    current -> versions/<version>          relative symlink, replaced in one rename
+    versions/<version>/runs/year=YYYY/month=MM/part-<version>-<i>.parquet
+    versions/<version>/workflows/part-<version>.parquet
+    versions/<version>/run_nodes/part-<version>.parquet
+    versions/<version>/_manifest.json      rows and files per table, last sync id
+
+``runs`` holds live runs only (soft-deleted runs are left out), one row per run in its latest
+state, Hive-partitioned by the UTC month of ``created_at``; ``run_nodes`` follows the same runs;
+``workflows`` holds every workflow (soft-deleted ones keep their ``deleted_at``). JSON columns
+are written as strings, timestamps as UTC instants, zstd-compressed.
+
+A version is written under ``.staging-<version>/``, renamed into ``versions/`` and only then
+made ``current`` by ``os.replace`` of a symlink, which is atomic on POSIX: a reader resolves
+``current`` to the previous complete version or to the new one, never to a partial one. The
+previous version stays on disk until the next export (a reader still holding it can finish);
+older ones are removed. File names carry the version, so a listing that straddles a switch fails
+loudly instead of mixing versions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import duckdb
+from filelock import FileLock, Timeout
+
+from .config import Settings
+from .errors import ConfigError, LockedError, WarehouseError
+from .status import open_read_only
+
+CURRENT = "current"
+VERSIONS = "versions"
+STAGING_PREFIX = ".staging-"
+LOCK_FILE = ".export.lock"
+MANIFEST = "_manifest.json"
+LOCK_WAIT_SECONDS = 600.0  # a second exporter waits for the first instead of racing it
+# Internal bookkeeping that means nothing outside the warehouse.
+DROP_COLUMNS = {"runs": {"_deleted_at", "_sync_id"}, "workflows": {"_sync_id"}, "run_nodes": set()}
+
+
+@dataclass
+class ExportResult:
+    """What one export published; ``str()`` is the one line the CLI prints."""
+
+    root: Path
+    version: str
+    rows: dict[str, int] = field(default_factory=dict)
+    files: int = 0
+    bytes: int = 0
+    removed_versions: list[str] = field(default_factory=list)
+
+    @property
+    def path(self) -> Path:
+        """The published version folder (what ``<root>/current`` points at)."""
+        return self.root / VERSIONS / self.version
+
+    def __str__(self) -> str:
+        tables = ", ".join(f"{n:,} {t}" for t, n in self.rows.items())
+        return (f"exported {tables} ({self.files} Parquet files, {self.bytes / 1e6:,.1f} MB) "
+                f"to {self.root / CURRENT} -> {VERSIONS}/{self.version}")
+
+
+def export_root(settings: Settings) -> Path:
+    if settings.export.parquet_dir is None:
+        raise ConfigError(["export.parquet_dir is not set: set RUNS_ETL_PARQUET_DIR, "
+                           "--parquet-dir or [export] parquet_dir in the config"])
+    return Path(settings.export.parquet_dir)
+
+
+def current_version(root: Path) -> Path | None:
+    """The version folder ``<root>/current`` points at now: resolve once to pin a snapshot."""
+    link = Path(root) / CURRENT
+    return link.resolve() if link.is_symlink() else None
+
+
+def export_parquet(settings: Settings, con=None) -> ExportResult:
+    """Write runs, workflows and run_nodes as a new Parquet version and make it current.
+
+    Without ``con`` the DuckDB file is opened read-only. With ``con`` the export reads through a
+    cursor of it, so it sees the last committed state, never a transaction still in progress.
+    """
+    root = export_root(settings)
+    owned = con is None
+    con = open_read_only(settings) if owned else con
+    try:
+        lock = _prepare(root)
+        try:
+            return _export_locked(con, root)
+        finally:
+            lock.release()
+    finally:
+        if owned:
+            con.close()
+
+
+def _prepare(root: Path) -> FileLock:
+    """Create the export root, check ``current`` is ours, and take the exporters' lock."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WarehouseError(f"cannot create export folder {root}: {e.strerror}") from None
+    link = root / CURRENT
+    if link.exists() and not link.is_symlink():
+        raise WarehouseError(f"{link} exists and is not the link runs-etl maintains: move it "
+                             "away (BI tools should read through that link)")
+    lock = FileLock(str(root / LOCK_FILE), timeout=LOCK_WAIT_SECONDS)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise LockedError(f"another export into {root} has been running for more than "
+                          f"{LOCK_WAIT_SECONDS:.0f} s") from None
+    return lock
+
+
+def _export_locked(con, root: Path) -> ExportResult:
+    _remove_leftovers(root)
+    version = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ") + "-" + secrets.token_hex(3)
+    staging = root / f"{STAGING_PREFIX}{version}"
+    result = ExportResult(root=root, version=version)
+    try:
+        staging.mkdir()
+        manifest = _write_tables(con, staging, version, result)
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n",
+                                        encoding="utf-8")
+        (root / VERSIONS).mkdir(exist_ok=True)
+        os.rename(staging, result.path)
+    except duckdb.Error as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise WarehouseError(f"Parquet export failed: {str(e).strip().splitlines()[0]}") from None
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise WarehouseError(f"Parquet export to {root} failed: {e}") from None
+    previous = current_version(root)
+    _switch(root, version)
+    keep = {version} | ({previous.name} if previous is not None else set())
+    result.removed_versions = _prune(root, keep)
+    return result
+
+
+def _columns(con, table: str) -> str:
+    """The exported select list: JSON as text (readable by any Parquet tool), no internals."""
+    cols = con.execute("SELECT column_name, data_type FROM duckdb_columns() "
+                       "WHERE schema_name = 'main' AND table_name = ? ORDER BY column_index",
+                       [table]).fetchall()
+    return ", ".join(f'CAST(t."{c}" AS VARCHAR) AS "{c}"' if typ == "JSON" else f't."{c}"'
+                     for c, typ in cols if c not in DROP_COLUMNS[table])
+
+
+def _sql_path(path: Path) -> str:
+    return "'" + str(path).replace("'", "''") + "'"
+
+
+def _write_tables(con, staging: Path, version: str, result: ExportResult) -> dict:
+    """Three COPYs in one read transaction of a cursor: one consistent, committed snapshot."""
+    cur = con.cursor()
+    try:
+        cur.begin()
+        opts = "FORMAT parquet, COMPRESSION zstd"
+        queries = {
+            "runs": (f"SELECT {_columns(cur, 'runs')}, "
+                     "year(timezone('UTC', t.created_at)) AS year, "
+                     "strftime(timezone('UTC', t.created_at), '%m') AS month "
+                     "FROM runs AS t WHERE t._deleted_at IS NULL"),
+            "workflows": f"SELECT {_columns(cur, 'workflows')} FROM workflows AS t",
+            "run_nodes": (f"SELECT {_columns(cur, 'run_nodes')} FROM run_nodes AS t "
+                          "JOIN runs AS r ON r.id = t.run_id AND r._deleted_at IS NULL"),
+        }
+        tables = {}
+        for name, query in queries.items():
+            folder = staging / name
+            folder.mkdir()
+            if name == "runs":
+                target = (f"{_sql_path(folder)} ({opts}, PARTITION_BY (year, month), "
+                          f"FILENAME_PATTERN 'part-{version}-{{i}}')")
+            else:
+                target = f"{_sql_path(folder / f'part-{version}.parquet')} ({opts})"
+            (rows,) = cur.execute(f"COPY ({query}) TO {target}").fetchall()[0]
+            files = sorted(p for p in folder.rglob("*.parquet"))
+            result.rows[name] = rows
+            result.files += len(files)
+            result.bytes += sum(p.stat().st_size for p in files)
+            tables[name] = {"rows": rows, "path": name,
+                            "files": [str(p.relative_to(staging)) for p in files]}
+        tables["runs"]["partitioning"] = "hive: year=YYYY/month=MM (UTC month of created_at)"
+        last_sync = cur.execute("SELECT sync_id, finished_at FROM sync_runs WHERE outcome = "
+                                "'success' ORDER BY sync_id DESC LIMIT 1").fetchone()
+        cur.rollback()
+    finally:
+        cur.close()
+    return {"version": version, "exported_at": datetime.now(UTC).isoformat(),
+            "format": "parquet", "compression": "zstd",
+            "last_sync_id": last_sync[0] if last_sync else None,
+            "last_sync_finished_at": last_sync[1].isoformat() if last_sync else None,
+            "tables": tables}
+
+
+def _switch(root: Path, version: str) -> None:
+    """Point ``current`` at the new version with one atomic rename of a fresh symlink."""
+    tmp = root / f".{CURRENT}-{version}"
+    try:
+        os.symlink(Path(VERSIONS) / version, tmp, target_is_directory=True)
+        os.replace(tmp, root / CURRENT)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise WarehouseError(f"cannot switch {root / CURRENT} to version {version}: {e}") from None
+
+
+def _prune(root: Path, keep: set[str]) -> list[str]:
+    """Remove every version but the new and the previous one; returns their names."""
+    removed = []
+    for p in sorted((root / VERSIONS).iterdir()):
+        if p.name not in keep and p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p.name)
+    return removed
+
+
+def _remove_leftovers(root: Path) -> None:
+    """Staging folders and temp links of exports that were killed (we hold the lock)."""
+    for p in root.iterdir():
+        if p.name.startswith(STAGING_PREFIX) and p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.name.startswith(f".{CURRENT}-") and p.is_symlink():
+            p.unlink(missing_ok=True)

@@ -1,0 +1,144 @@
+"""Extract: decide how much of the source to read, read it, and say what it proves.
+
+Modes (recorded in the ledger):
+- **full**: first sync, ``--full-refresh``, or periodic reconciliation (``full_refresh_every``):
+  a complete walk (see ``walk.py``). Only a *verified* full walk may mark runs deleted.
+- **incremental**: the source was last seen newest-first. Walk from page 1 and stop at the first
+  page whose runs are all older than ``high-watermark - lookback``, already in the warehouse and
+  terminal there. Open runs the walk did not reach are refreshed one by one (``GET
+  /v1/runs/{id}``, 404 = deleted) when that costs fewer requests than walking on; otherwise
+  the walk goes on to the end.
+- **fallback**: the order could not be verified (never learnt, or broken during an incremental
+  walk): a full walk, with the reason in the log and the ledger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from . import ledger
+from .client import ApiClient, FetchedPage
+from .config import Settings
+from .models import TERMINAL_STATUSES, ParsedPage, utc
+from .walk import NullProgress, Progress, WalkReport, full_walk, head_walk
+
+log = logging.getLogger("runs_etl.extract")
+
+STATE_ORDER = "source_order"
+STATE_LAST_FULL = "last_verified_full_walk_at"
+NEWEST_FIRST = "newest_first"
+_TERMINAL_SQL = ", ".join(f"'{s}'" for s in sorted(TERMINAL_STATUSES))
+
+
+@dataclass
+class Plan:
+    mode: str  # full | incremental | fallback
+    reason: str
+    cutoff: datetime | None = None  # incremental: history older than this is settled
+
+
+@dataclass
+class Extracted:
+    """What the extract phase proved, for the load phase and the ledger."""
+
+    mode: str
+    reason: str
+    walk: WalkReport
+    full_walk: bool  # every page was walked (deletes may apply if verified)
+    missing_ids: list[str] = field(default_factory=list)  # 404 on GET /v1/runs/{id}
+
+
+def plan_sync(con, settings: Settings, *, full_refresh: bool, now: datetime | None = None) -> Plan:
+    """Pick the mode from the warehouse's history and the settings (see module docstring)."""
+    now = now or datetime.now(UTC)
+    (last_ok,) = con.execute(
+        "SELECT max(finished_at) FROM sync_runs WHERE outcome = 'success'").fetchall()[0]
+    if last_ok is None:
+        return Plan("full", "first sync of this warehouse")
+    if full_refresh:
+        return Plan("full", "--full-refresh requested")
+    every = settings.sync.full_refresh_every
+    if every is not None:
+        last_full = ledger.get_state(con, STATE_LAST_FULL)
+        if last_full is None or now - datetime.fromisoformat(last_full) >= every:
+            return Plan("full", f"periodic reconciliation (full_refresh_every={every})")
+    order = ledger.get_state(con, STATE_ORDER)
+    if order != NEWEST_FIRST:
+        return Plan("fallback", "source order not verified newest-first"
+                    + (f" (last seen: {order})" if order else ""))
+    (watermark,) = con.execute(
+        "SELECT max(created_at) FROM runs WHERE _deleted_at IS NULL").fetchall()[0]
+    if watermark is None:
+        return Plan("fallback", "warehouse holds no live runs")
+    cutoff = watermark - settings.sync.lookback
+    return Plan("incremental", f"newest-first source; settled before {cutoff.isoformat()}",
+                cutoff)
+
+
+async def extract(plan: Plan, client: ApiClient, sink, reader, settings: Settings,
+                  progress: Progress | None = None) -> Extracted:
+    """Run the plan; an incremental walk that finds the order broken becomes a fallback."""
+    progress = progress or NullProgress()
+    walk_kw = dict(workers=settings.api.concurrency, max_pages=settings.api.max_pages)
+    if plan.mode == "incremental":
+        guard = asyncio.Lock()
+
+        async def settled(page: FetchedPage) -> bool:
+            runs = page.parsed.runs
+            if page.parsed.rejected or not runs:
+                return False
+            if any(utc(r.created_at) >= plan.cutoff or not r.is_terminal for r in runs):
+                return False
+            async with guard:  # one query at a time on the reader connection
+                known = await asyncio.to_thread(_count_settled, reader, [r.id for r in runs])
+            return known == len(runs)
+
+        report = await head_walk(client, sink, stop_after=settled, progress=progress, **walk_kw)
+        if report.newest_first:
+            return await _refresh_open(plan, report, client, sink, settings, progress)
+        plan = Plan("fallback", "incremental walk found the source not newest-first")
+        log.warning("%s: falling back to a full walk", plan.reason)
+    report = await full_walk(client, sink, max_passes=settings.sync.max_walk_passes,
+                             progress=progress, **walk_kw)
+    return Extracted(plan.mode, f"{plan.reason}; {report.reason}", report, True)
+
+
+def _count_settled(reader, ids: list[str]) -> int:
+    (n,) = reader.execute(
+        f"SELECT count(*) FROM runs WHERE id IN (SELECT unnest($ids)) AND _deleted_at IS NULL "
+        f"AND status IN ({_TERMINAL_SQL})", {"ids": ids}).fetchall()[0]
+    return n
+
+
+async def _refresh_open(plan: Plan, report: WalkReport, client: ApiClient, sink,
+                        settings: Settings, progress: Progress) -> Extracted:
+    """Open runs the head walk did not reach: one request each, or walk on if that is cheaper."""
+    con = sink.stage.con
+    open_ids = await asyncio.to_thread(lambda: [r[0] for r in con.execute(f"""
+        SELECT id FROM runs WHERE _deleted_at IS NULL AND status NOT IN ({_TERMINAL_SQL})
+          AND id NOT IN (SELECT id FROM stage_runs)""").fetchall()])
+    total = report.total_end if report.total_end is not None else report.total_start
+    remaining = (math.ceil(total / client.page_size) - report.pages) if total is not None \
+        else math.inf
+    if len(open_ids) > min(settings.sync.max_single_refreshes, remaining):
+        log.info("%d open runs beyond the walked pages: walking on to the end", len(open_ids))
+        full = await full_walk(client, sink, max_passes=settings.sync.max_walk_passes,
+                               progress=progress, workers=settings.api.concurrency,
+                               max_pages=settings.api.max_pages)
+        full.pages += report.pages
+        return Extracted("incremental", f"{plan.reason}; {len(open_ids)} open runs unreached, "
+                         f"walked on ({full.reason})", full, True)
+    fetched = await asyncio.gather(*(client.fetch_run(i) for i in open_ids))
+    runs = [r for r in fetched if r is not None]
+    missing = [i for i, r in zip(open_ids, fetched) if r is None]
+    if runs:
+        # One seq for all: later than every page, so these snapshots win.
+        await sink.put(FetchedPage(0, client.next_seq(), ParsedPage(runs, [], None, None),
+                                   None, 0))
+        await sink.flush()
+    return Extracted("incremental", f"{plan.reason}; walked {report.pages} pages, refreshed "
+                     f"{len(open_ids)} open runs ({len(missing)} gone)", report, False, missing)

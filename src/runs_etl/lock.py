@@ -1,0 +1,132 @@
+"""The writer lock: one process at a time writes a warehouse (cron syncs, the scheduler, export).
+
+An OS lock (``flock`` through ``filelock``) on ``<db>.lock``: the kernel drops it when its holder
+exits, however it exits, so a lock left by a SIGKILLed process never blocks the next run. Who holds
+it (pid, host, start time, command) is written to the sidecar ``<db>.lock.json`` for the error
+message; the lock file itself is opened by every contender, so it carries no data.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from .errors import LockedError
+
+log = logging.getLogger("runs_etl.lock")
+
+LOCK_SUFFIX = ".lock"
+HOLDER_SUFFIX = ".lock.json"
+# How often a waiting writer retries; short enough that a queued cron run starts promptly.
+POLL_SECONDS = 0.1
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Who holds (or last held) the writer lock."""
+
+    pid: int
+    host: str
+    started_at: str
+    command: str
+
+    def describe(self) -> str:
+        here = self.host == socket.gethostname()
+        where = "" if here else f" on host {self.host}"
+        return f"pid {self.pid}{where} ({self.command}, since {self.started_at})"
+
+
+def lock_path(db_path: Path) -> Path:
+    return Path(f"{db_path}{LOCK_SUFFIX}")
+
+
+def holder_path(db_path: Path) -> Path:
+    return Path(f"{db_path}{HOLDER_SUFFIX}")
+
+
+def read_holder(db_path: Path) -> Holder | None:
+    """The holder recorded in the sidecar; None when absent or unreadable (it is only a hint)."""
+    try:
+        data = json.loads(holder_path(db_path).read_text(encoding="utf-8"))
+        return Holder(int(data["pid"]), str(data["host"]), str(data["started_at"]),
+                      str(data["command"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _write_holder(db_path: Path, holder: Holder) -> None:
+    # Write then rename, so a contender never reads half a record. The record is only a hint for
+    # the error message: failing to write it must not fail the sync.
+    target = holder_path(db_path)
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(asdict(holder)), encoding="utf-8")
+        os.replace(tmp, target)
+    except OSError as e:
+        log.warning("cannot record the lock holder in %s: %s", target, e.strerror or e)
+
+
+def _clear_holder(db_path: Path, holder: Holder) -> None:
+    if read_holder(db_path) == holder:
+        try:
+            holder_path(db_path).unlink(missing_ok=True)
+        except OSError:
+            pass  # a stale record is overwritten by the next holder
+
+
+def _is_in_memory(db_path: Path) -> bool:
+    return str(db_path).startswith(":memory:")
+
+
+def locked_message(db_path: Path, waited: float) -> str:
+    holder = read_holder(db_path)
+    who = holder.describe() if holder else "another runs-etl process"
+    waited_text = f"still held after waiting {waited:g}s" if waited > 0 else "not waiting"
+    return (f"another writer is using {db_path}: {who} holds {lock_path(db_path)} "
+            f"({waited_text}). It is released when that sync/export ends; retry later, or pass "
+            "--wait SECONDS (warehouse.lock_wait) to queue behind it")
+
+
+@contextmanager
+def writer_lock(db_path: Path | str, wait: float = 0.0, *,
+                command: str = "runs-etl") -> Iterator[Holder | None]:
+    """Hold the warehouse's writer lock, waiting up to ``wait`` seconds; else ``LockedError``."""
+    db_path = Path(db_path)
+    if _is_in_memory(db_path):  # nothing on disk to share, nothing to lock
+        yield None
+        return
+    path = lock_path(db_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        if wait <= 0:
+            raise LockedError(locked_message(db_path, 0)) from None
+        holder = read_holder(db_path)
+        log.info("%s is busy: %s holds it; waiting up to %gs", db_path,
+                 holder.describe() if holder else "another runs-etl process", wait,
+                 extra={"event": "lock_wait", "holder_pid": holder.pid if holder else None})
+        try:
+            lock.acquire(timeout=wait, poll_interval=POLL_SECONDS)
+        except Timeout:
+            raise LockedError(locked_message(db_path, wait)) from None
+    try:
+        holder = Holder(os.getpid(), socket.gethostname(),
+                        datetime.now(UTC).isoformat(timespec="seconds"), command)
+        _write_holder(db_path, holder)
+        try:
+            yield holder
+        finally:
+            _clear_holder(db_path, holder)
+    finally:
+        lock.release()

@@ -1,0 +1,134 @@
+"""Exit codes that cron wrappers and monitoring rely on: 0 ok, 1 failure, 2 config, 3 auth,
+75 warehouse busy, 130 interrupted; each with one ``Error:`` line and no traceback."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import duckdb
+import pytest
+from conftest import settings_for
+
+# Subprocess and simulator helpers live with the lock tests; importing the fixtures enables them.
+from test_lock import _restore_logging, gate, ledger, procs  # noqa: F401
+
+from runs_etl import cli, errors
+from runs_etl.lock import writer_lock
+from runs_etl.sim import Faults
+
+
+@pytest.fixture
+def run_cli(monkeypatch, tmp_path, capsys):
+    """``run_cli(sim, *args, **env)`` -> (exit code, stdout, stderr) of an in-process ``runs-etl``."""
+    monkeypatch.chdir(tmp_path)  # no stray ./runs-etl.toml
+
+    def run(sim, *args: str, **env: str):
+        for k in [k for k in os.environ if k.startswith("RUNS_ETL_")]:
+            monkeypatch.delenv(k)
+        base = {"RUNS_ETL_DUCKDB_PATH": str(tmp_path / "runs.duckdb")}
+        if sim is not None:
+            base.update(RUNS_ETL_API_URL=sim.base_url, RUNS_ETL_API_KEY=sim.api_key)
+        for k, v in {**base, **env}.items():
+            monkeypatch.setenv(k, v)
+        code = cli.main(list(args))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+def one_error_line(err: str) -> str:
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("Error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_the_documented_codes_are_the_ones_errors_carry():
+    assert (errors.EXIT_OK, errors.EXIT_FAILURE, errors.EXIT_CONFIG, errors.EXIT_AUTH,
+            errors.EXIT_LOCKED, cli.EXIT_INTERRUPTED) == (0, 1, 2, 3, 75, 130)
+    assert errors.ConfigError(["x"]).exit_code == 2
+    assert errors.AuthError("x").exit_code == 3
+    assert errors.LockedError("x").exit_code == 75
+    for cls in (errors.RetryableApiError, errors.FatalApiError, errors.WalkError,
+                errors.DataError, errors.WarehouseError):
+        assert cls("x").exit_code == 1
+
+
+def test_success_exits_0(make_sim, run_cli):
+    code, out, err = run_cli(make_sim(100), "sync")
+    assert code == 0, err
+    assert "sync 1 success" in out and "Error:" not in err
+
+
+def test_an_api_that_keeps_failing_exits_1_with_the_request_id(make_sim, run_cli, tmp_path):
+    sim = make_sim(100, faults=Faults(rate_500=1.0))
+    config = tmp_path / "runs-etl.toml"
+    config.write_text("[api]\nmax_attempts = 1\n", encoding="utf-8")
+    code, _, err = run_cli(sim, "sync", "--config", str(config))
+    assert code == 1
+    line = one_error_line(err)
+    assert "giving up" in line and "request id sim-" in line
+    assert [o for _, o, _ in ledger(tmp_path / "runs.duckdb")] == ["failed"]
+
+
+@pytest.mark.parametrize("env, problem", [
+    ({"RUNS_ETL_PAGE_SIZE": "0"}, "api.page_size"),
+    ({"RUNS_ETL_API_KEY": ""}, "no API key"),
+], ids=["bad-page-size", "no-key"])
+def test_bad_configuration_exits_2_before_touching_the_warehouse(make_sim, run_cli, tmp_path,
+                                                                 env, problem):
+    code, _, err = run_cli(make_sim(10), "sync", **env)
+    assert code == 2
+    assert problem in one_error_line(err)
+    assert not (tmp_path / "runs.duckdb").exists()
+
+
+def test_a_wrong_api_key_exits_3(make_sim, run_cli):
+    code, _, err = run_cli(make_sim(10), "sync", RUNS_ETL_API_KEY="not-the-key")
+    assert code == 3
+    assert "API key" in one_error_line(err)
+
+
+@pytest.mark.parametrize("flags, says", [([], "not waiting"),
+                                         (["--wait", "0.2"], "after waiting 0.2s")],
+                         ids=["no-wait", "wait-expires"])
+def test_a_busy_warehouse_exits_75(make_sim, run_cli, tmp_path, flags, says):
+    with writer_lock(tmp_path / "runs.duckdb", command="runs-etl sync"):
+        code, _, err = run_cli(make_sim(10), "sync", *flags)
+    assert code == 75
+    line = one_error_line(err)
+    assert says in line and f"pid {os.getpid()}" in line
+
+
+def test_export_takes_the_same_lock_and_exits_75(run_cli, tmp_path):
+    pytest.importorskip("runs_etl.export")
+    with writer_lock(tmp_path / "runs.duckdb", command="runs-etl sync"):
+        code, _, err = run_cli(None, "export", "--parquet-dir", str(tmp_path / "parquet"))
+    assert code == 75
+    assert "runs-etl sync" in one_error_line(err)
+
+
+def test_sigterm_during_a_sync_exits_130_and_keeps_the_previous_commit(make_sim, sim_env, gate,  # noqa: F811
+                                                                       procs, tmp_path):  # noqa: F811
+    sim = make_sim(300)
+    db = tmp_path / "runs.duckdb"
+    cli.run_sync(settings_for(sim, db), quiet=True)
+    before = sim.run_ids()
+    sim.add_runs(40)
+    held = gate(sim)
+    sync = procs.cli(["sync"], sim_env(sim))
+    held.wait_entered()
+    sync.popen.send_signal(signal.SIGTERM)
+    assert sync.finish() == 130, sync.output
+    held.open()
+    assert "Error: interrupted; nothing partial was committed" in sync.output
+    assert "Traceback" not in sync.output
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        ids = {i for (i,) in con.execute("SELECT id FROM runs").fetchall()}
+    finally:
+        con.close()
+    assert ids == before  # the previous commit, nothing of the interrupted one
+    assert [o for _, o, _ in ledger(db)] == ["success", "failed"]

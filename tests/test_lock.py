@@ -1,0 +1,288 @@
+"""The writer lock: one writer per warehouse, a clear exit 75 for the next, waits on request,
+and nothing left behind by a killed process blocks the next run."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import duckdb
+import pytest
+from conftest import settings_for
+
+from runs_etl import cli
+from runs_etl.errors import EXIT_LOCKED, LockedError
+from runs_etl.lock import holder_path, lock_path, read_holder, writer_lock
+
+LOGGERS = ("runs_etl", "apscheduler", "filelock", "httpx", "httpcore")
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """``main()`` configures logging for a process; give the next test a clean slate."""
+    saved = {n: (lg.handlers[:], lg.level, lg.propagate)
+             for n in LOGGERS for lg in [logging.getLogger(n)]}
+    for n in LOGGERS:  # start clean, whatever an earlier test configured
+        lg = logging.getLogger(n)
+        lg.handlers[:], lg.propagate = [], True
+        lg.setLevel(logging.NOTSET)
+    yield
+    for n, (handlers, level, propagate) in saved.items():
+        lg = logging.getLogger(n)
+        lg.handlers[:], lg.propagate = handlers, propagate
+        lg.setLevel(level)
+
+
+class Proc:
+    """A child process whose output lines are collected as they come."""
+
+    def __init__(self, args: list[str], env: dict | None, cwd: Path):
+        self.popen = subprocess.Popen(args, env=env, cwd=cwd, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True)
+        self.pid = self.popen.pid
+        self.lines: list[str] = []
+        self._seen = threading.Condition()
+        self._readers = [threading.Thread(target=self._read, args=(s,), daemon=True)
+                         for s in (self.popen.stdout, self.popen.stderr)]
+        for t in self._readers:
+            t.start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            with self._seen:
+                self.lines.append(line.rstrip("\n"))
+                self._seen.notify_all()
+
+    @property
+    def output(self) -> str:
+        with self._seen:
+            return "\n".join(self.lines)
+
+    def wait_for(self, text: str, timeout: float = 30) -> None:
+        with self._seen:
+            ok = self._seen.wait_for(
+                lambda: any(text in line for line in self.lines) or self.popen.poll() is not None,
+                timeout)
+            if not any(text in line for line in self.lines):
+                raise AssertionError(f"{text!r} never appeared (ok={ok}); output:\n{self.output}")
+
+    def finish(self, timeout: float = 60) -> int:
+        rc = self.popen.wait(timeout)
+        for t in self._readers:
+            t.join(5)
+        return rc
+
+
+@pytest.fixture
+def procs(tmp_path):
+    """Start child processes (``procs.cli(args, env)``, ``procs.python(code)``); all are killed
+    at teardown, whatever the test did."""
+    started: list[Proc] = []
+
+    class Starter:
+        @staticmethod
+        def cli(args: list[str], env: dict) -> Proc:
+            started.append(Proc([sys.executable, "-m", "runs_etl", *args], env, tmp_path))
+            return started[-1]
+
+        @staticmethod
+        def python(code: str) -> Proc:
+            started.append(Proc([sys.executable, "-c", code], None, tmp_path))
+            return started[-1]
+
+    yield Starter
+    for p in started:
+        if p.popen.poll() is None:
+            p.popen.kill()
+        p.finish(10)
+
+
+@pytest.fixture
+def gate(make_sim):
+    """``gate(sim)`` holds the sim's next list request until ``.open()``: a sync stays in flight."""
+    gates = []
+
+    class Gate:
+        def __init__(self, sim):
+            self.entered, self.released = threading.Event(), threading.Event()
+            self.nth = sim.list_request_count + 1
+            sim.on_list_request(self._hook)
+
+        def _hook(self, sim, page, size, n):
+            if n == self.nth:
+                self.entered.set()
+                self.released.wait(60)
+
+        def wait_entered(self) -> None:
+            assert self.entered.wait(30), "the sync never reached the simulator"
+
+        def open(self) -> None:
+            self.released.set()
+
+    def factory(sim) -> Gate:
+        gates.append(Gate(sim))
+        return gates[-1]
+
+    yield factory
+    for g in gates:  # before the simulator stops, or its server waits on the held request
+        g.open()
+
+
+def ledger(db: Path) -> list[tuple]:
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        return con.execute("SELECT sync_id, outcome, error FROM sync_runs ORDER BY sync_id"
+                           ).fetchall()
+    finally:
+        con.close()
+
+
+# --- in process -----------------------------------------------------------------------------
+
+def test_second_writer_fails_at_once_naming_the_holder(tmp_path):
+    db = tmp_path / "runs.duckdb"
+    with writer_lock(db, command="runs-etl sync") as me:
+        assert me.pid == os.getpid() and read_holder(db) == me
+        with pytest.raises(LockedError) as err:
+            with writer_lock(db):
+                pass
+    assert err.value.exit_code == EXIT_LOCKED == 75
+    msg = str(err.value)
+    assert f"pid {os.getpid()}" in msg and "runs-etl sync" in msg and "--wait" in msg
+    assert str(db) in msg
+
+
+def test_released_lock_leaves_no_holder_record_and_can_be_taken_again(tmp_path):
+    db = tmp_path / "runs.duckdb"
+    with writer_lock(db):
+        assert holder_path(db).exists()
+    assert not holder_path(db).exists()
+    with writer_lock(db):
+        pass
+
+
+def test_a_waiting_writer_gets_the_lock_when_the_holder_releases_it(tmp_path):
+    db = tmp_path / "runs.duckdb"
+    taken, release = threading.Event(), threading.Event()
+
+    def hold():
+        with writer_lock(db, command="first"):
+            taken.set()
+            release.wait(30)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    try:
+        assert taken.wait(10)
+        threading.Timer(0.3, release.set).start()
+        with writer_lock(db, wait=30, command="second") as me:
+            assert release.is_set()  # it got the lock only once the first writer let go
+            assert read_holder(db) == me
+    finally:
+        release.set()
+        t.join(10)
+
+
+def test_a_writer_that_waits_too_long_gets_locked_error(tmp_path):
+    db = tmp_path / "runs.duckdb"
+    with writer_lock(db):
+        with pytest.raises(LockedError, match=r"still held after waiting 0\.2s"):
+            with writer_lock(db, wait=0.2):
+                pass
+
+
+def test_in_memory_warehouse_needs_no_lock(tmp_path):
+    with writer_lock(Path(":memory:")) as holder:
+        assert holder is None
+    assert not lock_path(Path(":memory:")).exists()
+
+
+def test_sync_refuses_to_start_while_another_writer_holds_the_warehouse(make_sim, tmp_path):
+    sim = make_sim(50)
+    db = tmp_path / "runs.duckdb"
+    with writer_lock(db, command="runs-etl export"):
+        with pytest.raises(LockedError, match="runs-etl export"):
+            cli.run_sync(settings_for(sim, db), quiet=True)
+    assert not db.exists()  # refused before opening (or creating) the warehouse
+    assert cli.run_sync(settings_for(sim, db), quiet=True).outcome == "success"
+
+
+# --- across processes -----------------------------------------------------------------------
+
+def test_racing_syncs_one_runs_one_exits_75_and_one_waits_its_turn(make_sim, sim_env, gate,
+                                                                    procs, tmp_path):
+    sim = make_sim(300)
+    env = sim_env(sim)
+    held = gate(sim)
+    first = procs.cli(["sync"], env)
+    held.wait_entered()  # the first sync holds the lock and is mid-walk
+
+    second = procs.cli(["sync"], env)
+    assert second.finish() == EXIT_LOCKED
+    errors = [line for line in second.lines if line.startswith("Error:")]
+    assert len(errors) == 1 and f"pid {first.pid}" in errors[0] and "--wait" in errors[0]
+    assert "Traceback" not in second.output
+
+    third = procs.cli(["sync", "--wait", "60"], env)
+    third.wait_for("waiting up to 60s")
+    held.open()
+    assert first.finish() == 0, first.output
+    assert third.finish() == 0, third.output
+    # the refused sync never touched the ledger; the other two both committed
+    assert [outcome for _, outcome, _ in ledger(tmp_path / "runs.duckdb")] == ["success"] * 2
+
+
+def test_lock_left_by_a_sigkilled_process_is_recovered_at_once(procs, tmp_path):
+    db = tmp_path / "runs.duckdb"
+    holder = procs.python(
+        "import time\nfrom runs_etl.lock import writer_lock\n"
+        f"with writer_lock({str(db)!r}, command='doomed'):\n"
+        "    print('locked', flush=True)\n    time.sleep(60)\n")
+    holder.wait_for("locked")
+    with pytest.raises(LockedError, match=f"pid {holder.pid}"):
+        with writer_lock(db):
+            pass
+    holder.popen.kill()
+    holder.finish()
+    assert read_holder(db).pid == holder.pid  # its record is stale ...
+    with writer_lock(db) as me:  # ... but the kernel released the lock with the process
+        assert read_holder(db) == me
+
+
+def test_sync_after_a_sigkilled_sync_runs_and_marks_it_abandoned(make_sim, sim_env, gate, procs,
+                                                                  tmp_path):
+    sim = make_sim(200)
+    db = tmp_path / "runs.duckdb"
+    held = gate(sim)
+    victim = procs.cli(["sync"], sim_env(sim))
+    held.wait_entered()
+    victim.popen.kill()
+    victim.finish()
+    held.open()
+    result = cli.run_sync(settings_for(sim, db), quiet=True)  # no --wait: the lock is free
+    assert result.outcome == "success" and result.runs_seen == 200
+    assert [outcome for _, outcome, _ in ledger(db)] == ["abandoned", "success"]
+
+
+@pytest.mark.parametrize("read_only", [False, True], ids=["read-write", "read-only"])
+def test_analyst_holding_the_database_open_gets_an_actionable_error(make_sim, sim_env, procs,
+                                                                     tmp_path, monkeypatch,
+                                                                     capsys, read_only):
+    sim = make_sim(50)
+    db = tmp_path / "runs.duckdb"
+    cli.run_sync(settings_for(sim, db), quiet=True)
+    analyst = procs.python(
+        f"import duckdb, time\ncon = duckdb.connect({str(db)!r}, read_only={read_only})\n"
+        "print('open', flush=True)\ntime.sleep(60)\n")
+    analyst.wait_for("open")
+    for k, v in sim_env(sim).items():
+        monkeypatch.setenv(k, v)
+    assert cli.main(["sync"]) == EXIT_LOCKED
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    [line] = [line for line in err.splitlines() if line.startswith("Error:")]
+    assert "another process has the database open" in line and "Close DuckDB" in line

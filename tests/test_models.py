@@ -1,0 +1,174 @@
+"""Models: lenient where the API is loose, strict where the warehouse needs it."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+import pytest
+
+from runs_etl.models import EnvelopeError, Run, parse_page, parse_run
+
+from fakeapi import make_run, make_runs
+
+
+def body(items, **envelope) -> bytes:
+    doc = {"items": items, "total": len(items), "page": 1, "size": 50, "pages": 1}
+    doc.update(envelope)
+    return json.dumps(doc).encode()
+
+
+def instant_of(value: datetime) -> datetime:
+    """The documented reading of an API timestamp: naive means UTC."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
+def one(**fields) -> Run:
+    return parse_run(json.dumps(make_run(1, **fields)).encode())
+
+
+def test_a_clean_page_parses_every_run_with_its_totals():
+    page = parse_page(body(make_runs(5), total=120, pages=3))
+    assert [r.id for r in page.runs] == [r["id"] for r in make_runs(5)]
+    assert page.rejected == []
+    assert (page.total, page.pages) == (120, 3)
+
+
+def test_unknown_fields_are_kept_in_model_extra():
+    run = one(output={"answer": "ünïcode ✓"}, meta={"tags": ["a"]}, single_node_id=None)
+    assert run.model_extra == {"output": {"answer": "ünïcode ✓"}, "meta": {"tags": ["a"]},
+                               "single_node_id": None}
+    assert run.workflow is not None
+
+
+def test_unknown_workflow_fields_are_kept_too():
+    wf = make_run(1)["workflow"] | {"workflow_hash": "abc", "meta": {"icon": "x"}}
+    run = one(workflow=wf)
+    assert run.workflow.model_extra == {"workflow_hash": "abc", "meta": {"icon": "x"}}
+
+
+@pytest.mark.parametrize("status", ["awaiting_human_feedback", "paused", "RUNNING", ""])
+def test_status_outside_the_documented_enum_is_accepted(status):
+    run = one(status=status)
+    assert run.status == status
+    assert not run.is_terminal
+
+
+@pytest.mark.parametrize("status", ["completed", "failed", "stopped"])
+def test_terminal_statuses(status):
+    assert one(status=status).is_terminal
+
+
+@pytest.mark.parametrize(("text", "instant"), [
+    ("2024-05-01T10:00:00Z", datetime(2024, 5, 1, 10, 0, 0, tzinfo=UTC)),
+    ("2024-05-01T12:00:00+02:00", datetime(2024, 5, 1, 10, 0, 0, tzinfo=UTC)),
+    ("2024-05-01T05:30:00-04:30", datetime(2024, 5, 1, 10, 0, 0, tzinfo=UTC)),
+    ("2024-05-01T10:00:00", datetime(2024, 5, 1, 10, 0, 0, tzinfo=UTC)),  # naive = UTC
+    ("2024-05-01T10:00:00.123456Z", datetime(2024, 5, 1, 10, 0, 0, 123456, tzinfo=UTC)),
+    ("2024-05-01T10:00:00.5", datetime(2024, 5, 1, 10, 0, 0, 500000, tzinfo=UTC)),
+    ("2024-05-01T00:30:00.250+01:00", datetime(2024, 4, 30, 23, 30, 0, 250000, tzinfo=UTC)),
+])
+def test_timestamps_parse_to_the_right_utc_instant(text, instant):
+    """The model may keep the sent offset (normalize stores UTC); the instant must be right."""
+    run = one(created_at=text, finished_at=text)
+    for value in (run.created_at, run.finished_at):
+        assert instant_of(value) == instant
+
+
+def test_workflow_timestamps_are_utc_too():
+    wf = make_run(1)["workflow"] | {"last_run_at": "2024-05-01T12:00:00+02:00",
+                                    "deleted_at": "2024-05-02T00:00:00"}
+    run = one(workflow=wf)
+    assert instant_of(run.workflow.last_run_at) == datetime(2024, 5, 1, 10, tzinfo=UTC)
+    assert instant_of(run.workflow.deleted_at) == datetime(2024, 5, 2, tzinfo=UTC)
+
+
+def test_unfinished_run_has_null_finished_at():
+    assert one(status="running", finished_at=None).finished_at is None
+
+
+def test_null_workflow_is_accepted():
+    assert one(workflow=None).workflow is None
+
+
+@pytest.mark.parametrize("node_ids", [None, [], ["a", "b"], {"a": {"x": 1}, "b": None}])
+def test_node_ids_may_be_null_a_list_or_an_object(node_ids):
+    assert one(node_ids=node_ids).node_ids == node_ids
+
+
+def test_null_progress_input_definitions_and_source_are_accepted():
+    run = one(progress=None, input=None, definitions=None, source=None)
+    assert (run.progress, run.input, run.definitions, run.source) == (None, None, None, None)
+
+
+def test_a_record_without_id_is_rejected_with_its_raw_json_and_the_others_kept():
+    items = make_runs(4)
+    broken = dict(items[2])
+    del broken["id"]
+    broken["input"] = {"text": "héllo"}
+    items[2] = broken
+    page = parse_page(body(items))
+    assert [r.id for r in page.runs] == [items[i]["id"] for i in (0, 1, 3)]
+    (rej,) = page.rejected
+    assert rej.index == 2 and rej.run_id is None
+    assert json.loads(rej.raw) == broken
+    assert "héllo" in rej.raw  # raw JSON kept readable, not \u-escaped
+    assert "id" in rej.error
+    assert page.total == 4
+
+
+def test_rejected_record_keeps_its_id_when_it_has_one():
+    items = make_runs(2)
+    items[1] = dict(items[1], created_at="not a date")
+    page = parse_page(body(items))
+    (rej,) = page.rejected
+    assert rej.run_id == items[1]["id"] and rej.index == 1
+    assert "created_at" in rej.error
+
+
+@pytest.mark.parametrize("bad", [
+    {"status": "completed"},  # no id, no created_at
+    {"id": "", "status": "x", "created_at": "2024-01-01T00:00:00Z"},  # empty id
+    {"id": "x", "created_at": "2024-01-01T00:00:00Z"},  # no status
+    "just a string",
+    None,
+    {"id": "x", "status": "completed", "created_at": "2024-01-01T00:00:00Z",
+     "node_ids": [1, 2]},
+])
+def test_each_unstorable_record_is_rejected_alone(bad):
+    items = [make_run(1), bad, make_run(2)]
+    page = parse_page(body(items))
+    assert [r.id for r in page.runs] == [make_run(1)["id"], make_run(2)["id"]]
+    assert len(page.rejected) == 1 and page.rejected[0].index == 1
+    assert json.loads(page.rejected[0].raw) == bad
+
+
+@pytest.mark.parametrize("raw", [
+    b"",
+    b"not json",
+    b'{"items": [',  # truncated
+    b"[]",
+    b'{"detail": "Internal Server Error"}',
+    b'{"items": null, "total": 3}',
+    b'{"items": [], "total": "many"}',
+    b'{"items": {"id": "x"}}',
+])
+def test_invalid_json_or_a_non_envelope_is_an_envelope_error(raw):
+    with pytest.raises(EnvelopeError):
+        parse_page(raw)
+
+
+def test_null_total_and_pages_are_accepted():
+    page = parse_page(body(make_runs(2), total=None, pages=None, page=None, size=None))
+    assert (page.total, page.pages) == (None, None)
+    assert len(page.runs) == 2
+
+
+def test_empty_workspace_page():
+    page = parse_page(body([], total=0, pages=0))
+    assert page.runs == [] and page.rejected == [] and page.total == 0
+
+
+def test_parse_run_rejects_a_non_run_body():
+    with pytest.raises(EnvelopeError):
+        parse_run(b'{"detail": "oops"}')

@@ -1,0 +1,194 @@
+"""``runs-etl report`` writes one self-contained HTML file whose charts come from the views."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from datetime import UTC, timedelta
+from pathlib import Path
+
+import pytest
+from test_views import LIVE, TERMINAL, insert_fixture
+
+from runs_etl import warehouse
+from runs_etl.cli import main
+from runs_etl.config import load_settings
+from runs_etl.errors import WarehouseError
+from runs_etl.report import DAYS_SHOWN, write_report
+
+CHARTS = ("chart-runs-per-day", "chart-failure-rate", "chart-duration-percentiles",
+          "chart-slowest", "chart-most-failing")
+VOID = {"meta", "br", "hr", "img", "input", "link", "source", "wbr"}  # HTML void elements
+CHROMIUM = next((p for p in ("/usr/bin/chromium", shutil.which("chromium"),
+                             shutil.which("chromium-browser")) if p and os.path.exists(p)), None)
+
+
+class Page(HTMLParser):
+    """Collects ids, <svg> titles, URL-bearing attributes; checks that every tag is closed."""
+
+    def __init__(self, html: str):
+        super().__init__()
+        self.stack: list[str] = []
+        self.ids: set[str] = set()
+        self.svg_titles: dict[str, str] = {}
+        self.urls: list[str] = []
+        self.tags: set[str] = set()
+        self._title_of: str | None = None
+        self.feed(html)
+        self.close()
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        self.tags.add(tag)
+        self.ids.update([a["id"]] if "id" in a else [])
+        self.urls += [v for k, v in attrs if k in ("src", "href", "xlink:href", "action") and v]
+        if tag == "svg":
+            self._title_of = a.get("id")
+        if tag == "title" and self._title_of and self.stack and self.stack[-1] == "svg":
+            self.svg_titles[self._title_of] = ""
+        if tag not in VOID:
+            self.stack.append(tag)
+
+    def handle_startendtag(self, tag, attrs):
+        self.handle_starttag(tag, attrs)
+        if tag not in VOID:
+            self.stack.pop()
+
+    def handle_endtag(self, tag):
+        assert self.stack and self.stack[-1] == tag, f"</{tag}> closes <{self.stack[-1:]}>"
+        self.stack.pop()
+
+    def handle_data(self, data):
+        if self.stack and self.stack[-1] == "title" and self._title_of in self.svg_titles:
+            self.svg_titles[self._title_of] += data
+
+
+def settings_for_db(db: Path, **analytics):
+    return load_settings(None, {"RUNS_ETL_DUCKDB_PATH": str(db)},
+                         {"analytics": analytics} if analytics else None)
+
+
+@pytest.fixture
+def db(tmp_path) -> Path:
+    """A warehouse holding the hand-made runs of test_views, views applied, file closed."""
+    path = tmp_path / "wh" / "runs.duckdb"
+    con = warehouse.connect(path)
+    warehouse.migrate(con)
+    insert_fixture(con)
+    warehouse.apply_views(con)
+    con.close()
+    return path
+
+
+def test_report_is_well_formed_html_with_every_chart(db):
+    path = write_report(settings_for_db(db))
+    assert path == db.parent / "report.html"  # the default: beside the database
+    html = path.read_text(encoding="utf-8")
+    page = Page(html)
+    assert not page.stack, f"unclosed tags: {page.stack}"
+    assert set(CHARTS) <= page.ids
+    assert set(page.svg_titles) == set(CHARTS) and all(page.svg_titles.values())
+    assert {"runs-per-day", "failure-rate", "durations", "slowest", "failing", "open",
+            "stuck", "sync"} <= page.ids
+    assert html.startswith("<!DOCTYPE html>") and '<meta charset="utf-8">' in html
+
+
+def test_report_is_self_contained(db):
+    html = write_report(settings_for_db(db)).read_text(encoding="utf-8")
+    page = Page(html)
+    assert not [u for u in page.urls if re.match(r"^(https?:)?//", u)], page.urls
+    assert not page.urls  # nothing to fetch at all, not even a local file
+    assert not {"script", "link", "img", "iframe", "object"} & page.tags
+    assert "@import" not in html and "url(" not in html
+    assert "http://" not in html and "https://" not in html
+
+
+def test_report_shows_the_numbers_of_the_views(db):
+    html = write_report(settings_for_db(db)).read_text(encoding="utf-8")
+    # one stacked segment per (UTC day, status) of the last DAYS_SHOWN days, count as tooltip
+    days = {r.id: r.created.astimezone(UTC).date() for r in LIVE}
+    since = max(days.values()) - timedelta(days=DAYS_SHOWN)
+    segments = {(days[r.id], r.status) for r in LIVE if days[r.id] > since}
+    assert 0 < len(segments) < len({(days[r.id], r.status) for r in LIVE})
+    assert html.count("</title></rect>") == len(segments)
+    assert "Support &lt;triage&gt;" in html and "Support <triage>" not in html  # escaped
+    assert "数据 ingestion" in html
+    finished = [r for r in LIVE if r.status in TERMINAL]
+    failed = sum(r.status == "failed" for r in finished)
+    assert f"{failed / len(finished):.1%}" in html  # overall failure rate card
+    assert "2 run(s) open for more than 24.0 h" in html  # a6 and b5
+    assert "Last successful sync: #3" in html and "1 failed since the last success" in html
+
+
+def test_stuck_runs_follow_the_analytics_stuck_after_setting(db):
+    html = write_report(settings_for_db(db, stuck_after="2d")).read_text(encoding="utf-8")
+    assert "1 run(s) open for more than 2.0 d" in html
+
+
+def test_an_empty_warehouse_gives_a_report_with_empty_charts(tmp_path):
+    path = tmp_path / "empty.duckdb"
+    con = warehouse.connect(path)
+    warehouse.migrate(con)
+    warehouse.apply_views(con)
+    con.close()
+    html = write_report(settings_for_db(path), out=tmp_path / "out" / "r.html").read_text()
+    page = Page(html)
+    assert set(CHARTS) <= page.ids and html.count("no data yet") == len(CHARTS)
+
+
+def test_a_warehouse_without_views_asks_for_a_sync(tmp_path):
+    path = tmp_path / "noviews.duckdb"
+    con = warehouse.connect(path)
+    warehouse.migrate(con)
+    con.close()
+    with pytest.raises(WarehouseError, match="runs-etl sync"):
+        write_report(settings_for_db(path))
+    assert not (tmp_path / "report.html").exists()
+
+
+def test_a_missing_database_is_an_error_not_a_new_file(tmp_path):
+    with pytest.raises(WarehouseError, match="no warehouse"):
+        write_report(settings_for_db(tmp_path / "nope.duckdb"))
+    assert not (tmp_path / "nope.duckdb").exists()
+
+
+def test_write_report_reuses_an_open_connection(db, tmp_path):
+    con = warehouse.connect(db)
+    try:
+        out = write_report(settings_for_db(db), out=tmp_path / "r.html", con=con)
+    finally:
+        con.close()
+    assert set(CHARTS) <= Page(out.read_text(encoding="utf-8")).ids
+
+
+def test_cli_report_writes_the_file_and_says_where(db, tmp_path, monkeypatch, capsys):
+    for name in [k for k in os.environ if k.startswith("RUNS_ETL_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "cli.html"
+    assert main(["report", "--duckdb-path", str(db), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == f"report written to {out}"
+    assert set(CHARTS) <= Page(out.read_text(encoding="utf-8")).ids
+
+
+def test_report_renders_in_a_headless_browser_when_one_is_installed(db, tmp_path):
+    """Always checks the page; where chromium exists, also that the rendered DOM keeps it all."""
+    path = write_report(settings_for_db(db))
+    page = Page(path.read_text(encoding="utf-8"))
+    assert set(CHARTS) <= page.ids and not page.urls
+    if CHROMIUM is None:
+        return  # no browser on this machine (CI installs none): the checks above are the test
+    done = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--no-first-run", f"--user-data-dir={tmp_path / 'chromium'}", "--dump-dom",
+         path.resolve().as_uri()],
+        capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rendered = Page(done.stdout)
+    assert set(CHARTS) <= rendered.ids
+    assert set(rendered.svg_titles) == set(CHARTS)
+    assert "Noxus runs report" in done.stdout

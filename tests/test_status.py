@@ -1,0 +1,129 @@
+"""``runs-etl status`` shows freshness, rows per table and the last syncs, read-only."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from test_views import LIVE, RUNS, SYNCS, insert_fixture
+
+from runs_etl import warehouse
+from runs_etl.cli import main
+from runs_etl.config import load_settings
+from runs_etl.errors import WarehouseError
+from runs_etl.status import human_age, print_status
+
+
+def settings_for_db(db: Path):
+    return load_settings(None, {"RUNS_ETL_DUCKDB_PATH": str(db)})
+
+
+@pytest.fixture
+def db(tmp_path) -> Path:
+    """The hand-made warehouse of test_views: 4 syncs (success, failed, success, abandoned)."""
+    path = tmp_path / "runs.duckdb"
+    con = warehouse.connect(path)
+    warehouse.migrate(con)
+    insert_fixture(con)
+    con.close()
+    return path
+
+
+def status_text(db: Path, **kw) -> str:
+    out = io.StringIO()
+    print_status(settings_for_db(db), stream=out, **kw)
+    return out.getvalue()
+
+
+def table_rows(text: str) -> dict[str, list[str]]:
+    """Rows of the rich tables, keyed by their first cell."""
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip("│ ").split("│")]
+        if line.startswith("│") and cells[0]:
+            rows[cells[0]] = cells
+    return rows
+
+
+def test_status_shows_rows_per_table(db):
+    rows = table_rows(status_text(db))
+    open_runs = sum(r.status not in ("completed", "failed", "stopped") for r in LIVE)
+    assert rows["runs (live)"][1] == str(len(LIVE))
+    assert rows["runs (deleted at source)"][1] == str(len(RUNS) - len(LIVE))
+    assert rows["runs still open"][1] == str(open_runs)
+    assert rows["workflows"][1] == "3" and rows["sync_runs"][1] == "4"
+    assert rows["run_nodes"][1] == str(sum(len(r.nodes) for r in RUNS))
+
+
+def test_status_shows_the_last_syncs_newest_first_with_their_outcome(db):
+    text = status_text(db)
+    rows = table_rows(text)
+    assert [rows[str(i)][2] for i in (4, 3, 2, 1)] == ["abandoned", "success", "failed",
+                                                      "success"]
+    assert "HTTP 500" in rows["2"][-1] and "killed" in rows["4"][-1]
+    order = [line.split("│")[1].strip() for line in text.splitlines()
+             if line.startswith("│") and line.split("│")[1].strip().isdigit()]
+    assert order == ["4", "3", "2", "1"]
+    assert set(table_rows(status_text(db, limit=2))) & {"1", "2", "3", "4"} == {"3", "4"}
+
+
+def test_status_says_how_fresh_the_last_successful_sync_is(db):
+    text = status_text(db)
+    assert "Last successful sync: #3" in text
+    started, secs = SYNCS[2][2], SYNCS[2][3]
+    minutes = (datetime.now(UTC) - started - timedelta(seconds=secs)).total_seconds() / 60
+    shown = int(re.search(r"\((\d+) min ago\)", text).group(1))
+    assert abs(shown - minutes) <= 1
+    assert "1 failed attempt(s) since." in text
+
+
+def test_status_of_a_warehouse_never_synced(tmp_path):
+    path = tmp_path / "new.duckdb"
+    con = warehouse.connect(path)
+    warehouse.migrate(con)
+    con.close()
+    text = status_text(path)
+    assert "No successful sync yet." in text and table_rows(text)["runs (live)"][1] == "0"
+
+
+def test_a_missing_database_is_an_error_and_no_file_is_created(tmp_path):
+    with pytest.raises(WarehouseError, match="no warehouse at .*runs-etl sync"):
+        status_text(tmp_path / "missing.duckdb")
+    assert not (tmp_path / "missing.duckdb").exists()
+
+
+def test_a_file_that_is_not_a_warehouse_is_an_error(tmp_path):
+    path = tmp_path / "other.duckdb"
+    con = warehouse.connect(path)
+    con.execute("CREATE TABLE unrelated (x INTEGER)")
+    con.close()
+    with pytest.raises(WarehouseError, match="not a runs-etl warehouse"):
+        status_text(path)
+
+
+def test_status_leaves_the_database_file_unchanged(db):
+    before = db.read_bytes()
+    status_text(db)
+    assert db.read_bytes() == before and not Path(f"{db}.wal").exists()
+
+
+def test_human_age_reads_naturally():
+    assert [human_age(s) for s in (None, 5, 600, 5400, 3 * 86400)] == [
+        "never", "5 s", "10 min", "1.5 h", "3.0 d"]
+
+
+def test_cli_status_prints_tables_and_missing_db_is_one_error_line(db, tmp_path, monkeypatch,
+                                                                   capsys):
+    for name in [k for k in os.environ if k.startswith("RUNS_ETL_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    assert main(["status", "--duckdb-path", str(db), "--limit", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "Last 3 syncs" in out and "Last successful sync: #3" in out
+    assert main(["status", "--duckdb-path", str(tmp_path / "none.duckdb")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Error: no warehouse at") and err.count("\n") == 1

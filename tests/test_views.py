@@ -1,0 +1,274 @@
+"""The SQL views in ``sql/`` give the numbers a person would compute by hand from the runs."""
+
+from __future__ import annotations
+
+import importlib.resources
+import math
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta, timezone
+
+import pytest
+
+from runs_etl import warehouse
+from runs_etl.config import load_settings
+
+T = datetime(2024, 3, 1, tzinfo=UTC)
+NOW = datetime.now(UTC)
+TERMINAL = {"completed", "failed", "stopped"}
+VIEWS = {"run_facts", "status_daily", "workflow_duration_stats", "failure_rate_daily",
+         "open_runs", "stuck_runs", "node_usage", "sync_history", "sync_health"}
+
+
+@dataclass
+class R:
+    id: str
+    wf: str | None
+    status: str
+    created: datetime
+    seconds: float | None = None  # finished_at - created_at; None = not finished
+    nodes: tuple[str, ...] = ()
+    deleted: bool = False
+
+    @property
+    def finished(self) -> datetime | None:
+        return None if self.seconds is None else self.created + timedelta(seconds=self.seconds)
+
+
+WORKFLOWS = {"wf-a": ("Invoice extraction", "flow"), "wf-b": ("Support <triage>", "handler"),
+             "wf-c": ("数据 ingestion", "ingestion")}
+RUNS = [
+    R("a1", "wf-a", "completed", T + timedelta(hours=1), 10, ("n1", "n2")),
+    R("a2", "wf-a", "completed", T + timedelta(hours=2), 20, ("n1",)),
+    R("a3", "wf-a", "failed", T + timedelta(hours=3), 30, ("n2", "n2")),
+    R("a4", "wf-a", "completed", T + timedelta(days=1, hours=1), 40.5),
+    R("a5", "wf-a", "stopped", T + timedelta(days=1, hours=2), 100),
+    R("a6", "wf-a", "running", T + timedelta(days=1, hours=3)),
+    R("a7", "wf-a", "completed", T + timedelta(hours=4), 1000, ("n9",), deleted=True),
+    R("b1", "wf-b", "failed", T + timedelta(minutes=5), 5, ("n3", "n1")),
+    # 23:30 in New York on March 1st is March 2nd in UTC: it must count on the 2nd.
+    R("b2", "wf-b", "failed", datetime(2024, 3, 1, 23, 30, tzinfo=timezone(timedelta(hours=-5))),
+      7),
+    R("b3", "wf-b", "completed", T + timedelta(hours=6), 3),
+    R("b4", "wf-b", "queued", NOW - timedelta(hours=1)),
+    R("b5", "wf-b", "awaiting_human_feedback", NOW - timedelta(hours=30)),
+    R("c1", "wf-c", "completed", T + timedelta(hours=7), 3600),
+    R("c2", "wf-c", "completed", T + timedelta(hours=8)),  # terminal, finished_at unknown
+    R("o1", "wf-gone", "failed", T + timedelta(hours=9), 50, ("n3",)),
+]
+LIVE = [r for r in RUNS if not r.deleted]
+# sync_id, outcome, started, seconds, runs_seen, new, updated, deleted, error
+SYNCS = [
+    (1, "success", T, 10.0, 12, 12, 0, 0, None),
+    (2, "failed", T + timedelta(hours=1), 2.0, None, None, None, None, "HTTP 500"),
+    (3, "success", NOW - timedelta(minutes=30), 4.0, 14, 2, 3, 1, None),
+    (4, "abandoned", NOW - timedelta(minutes=10), None, None, None, None, None, "killed"),
+]
+
+
+def utc_day(dt: datetime) -> date:
+    return dt.astimezone(UTC).date()
+
+
+def quantile(xs: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (what spreadsheets call PERCENTILE.INC)."""
+    xs = sorted(xs)
+    h = (len(xs) - 1) * q
+    lo = math.floor(h)
+    return xs[lo] + (h - lo) * (xs[min(lo + 1, len(xs) - 1)] - xs[lo])
+
+
+def insert_fixture(con) -> None:
+    for wid, (name, typ) in WORKFLOWS.items():
+        con.execute("INSERT INTO workflows (id, name, type, _first_seen_at, _synced_at) "
+                    "VALUES (?, ?, ?, now(), now())", [wid, name, typ])
+    for r in RUNS:
+        con.execute(
+            "INSERT INTO runs (id, workflow_id, status, created_at, finished_at, node_ids, "
+            "_first_seen_at, _synced_at, _deleted_at) VALUES (?, ?, ?, ?, ?, ?, now(), now(), ?)",
+            [r.id, r.wf, r.status, r.created, r.finished, list(r.nodes),
+             NOW if r.deleted else None])
+        for pos, node in enumerate(r.nodes):
+            con.execute("INSERT INTO run_nodes VALUES (?, ?, ?)", [r.id, pos, node])
+    for sid, outcome, started, secs, seen, new, upd, dele, err in SYNCS:
+        finished = None if secs is None else started + timedelta(seconds=secs)
+        con.execute(
+            "INSERT INTO sync_runs (sync_id, started_at, finished_at, outcome, runs_seen, "
+            "rows_new, rows_updated, rows_deleted, seconds_total, error) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [sid, started, finished, outcome, seen, new, upd, dele, secs, err])
+
+
+@pytest.fixture
+def con(tmp_path):
+    con = warehouse.connect(tmp_path / "runs.duckdb")
+    warehouse.migrate(con)
+    insert_fixture(con)
+    warehouse.apply_views(con)
+    yield con
+    con.close()
+
+
+def rows(con, sql: str, params=None) -> list[dict]:
+    cur = con.execute(sql, params or [])
+    names = [d[0] for d in cur.description]
+    return [dict(zip(names, row)) for row in cur.fetchall()]
+
+
+def at_now(con, sql: str) -> tuple[datetime, list[dict]]:
+    """Rows of ``sql`` and the now() they were computed with (one transaction, one now())."""
+    con.begin()
+    try:
+        (now,) = con.execute("SELECT now()").fetchone()
+        return now, rows(con, sql)
+    finally:
+        con.commit()
+
+
+def test_every_sql_file_builds_on_an_empty_warehouse_and_can_be_reapplied(tmp_path):
+    """Meta-test: each view file runs on a fresh warehouse, twice, and every view is queryable."""
+    files = sorted(f.name for f in importlib.resources.files("runs_etl.sql").iterdir()
+                   if f.name.endswith(".sql"))
+    assert files, "no sql/*.sql found"
+    con = warehouse.connect(tmp_path / "empty.duckdb")
+    warehouse.migrate(con)
+    assert warehouse.apply_views(con) == files
+    assert warehouse.apply_views(con) == files
+    names = {n for (n,) in con.execute(
+        "SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()}
+    assert names == VIEWS
+    for name in names:
+        expected = 1 if name == "sync_health" else 0
+        assert len(con.execute(f"SELECT * FROM {name}").fetchall()) == expected, name
+
+
+def test_run_facts_has_one_row_per_live_run_with_workflow_and_duration(con):
+    got = {r["run_id"]: r for r in rows(con, "SELECT * FROM run_facts")}
+    assert set(got) == {r.id for r in LIVE}
+    for r in LIVE:
+        f = got[r.id]
+        name, typ = WORKFLOWS.get(r.wf, (None, None))
+        assert (f["workflow_name"], f["workflow_type"]) == (name, typ)
+        assert f["is_terminal"] is (r.status in TERMINAL)
+        expected = r.seconds if r.status in TERMINAL else None
+        assert f["duration_seconds"] == expected
+        assert f["created_date"] == utc_day(r.created)
+        assert f["created_hour"] == r.created.astimezone(UTC).replace(
+            minute=0, second=0, microsecond=0, tzinfo=None)
+        assert f["created_hour_of_day"] == r.created.astimezone(UTC).hour
+    assert isinstance(got["a4"]["duration_seconds"], float)
+
+
+def test_days_and_hours_are_utc_whatever_the_session_time_zone(con):
+    con.execute("SET TimeZone = 'America/New_York'")
+    (day, hour) = con.execute("SELECT created_date, created_hour_of_day FROM run_facts "
+                              "WHERE run_id = 'b2'").fetchone()
+    assert (day, hour) == (date(2024, 3, 2), 4)
+
+
+def test_status_daily_counts_live_runs_per_utc_day_and_status(con):
+    got = {(r["created_date"], r["status"]): r["runs"]
+           for r in rows(con, "SELECT * FROM status_daily")}
+    assert got == Counter((utc_day(r.created), r.status) for r in LIVE)
+
+
+def test_workflow_duration_stats_match_hand_computed_counts_and_percentiles(con):
+    got = {r["workflow_id"]: r for r in rows(con, "SELECT * FROM workflow_duration_stats")}
+    by_wf = defaultdict(list)
+    for r in LIVE:
+        by_wf[r.wf].append(r)
+    assert set(got) == set(by_wf)
+    for wf, runs in by_wf.items():
+        s = got[wf]
+        finished = [r for r in runs if r.status in TERMINAL]
+        durations = [r.seconds for r in finished if r.seconds is not None]
+        status = Counter(r.status for r in runs)
+        assert s["workflow_name"] == WORKFLOWS.get(wf, (None,))[0]
+        assert (s["runs"], s["finished"], s["open"]) == (
+            len(runs), len(finished), len(runs) - len(finished))
+        assert (s["completed"], s["failed"], s["stopped"]) == (
+            status["completed"], status["failed"], status["stopped"])
+        assert s["failure_rate"] == pytest.approx(status["failed"] / len(finished))
+        for q in (50, 90, 95, 99):
+            assert s[f"p{q}_seconds"] == pytest.approx(quantile(durations, q / 100)), (wf, q)
+        assert s["max_seconds"] == max(durations)
+        assert s["last_run_at"] == max(r.created for r in runs)
+    # the deleted 1000 s run of wf-a is not counted
+    assert got["wf-a"]["max_seconds"] == 100
+    assert got["wf-a"]["p90_seconds"] == pytest.approx(76.2)  # 40.5 + 0.6 * (100 - 40.5)
+
+
+def test_failure_rate_daily_per_day_and_workflow_type(con):
+    got = {(r["created_date"], r["workflow_type"]): r
+           for r in rows(con, "SELECT * FROM failure_rate_daily")}
+    expected: dict = defaultdict(Counter)
+    for r in LIVE:
+        if r.status in TERMINAL:
+            key = (utc_day(r.created), WORKFLOWS.get(r.wf, (None, None))[1])
+            expected[key]["finished"] += 1
+            expected[key]["failed"] += r.status == "failed"
+    assert set(got) == set(expected)
+    for key, c in expected.items():
+        assert (got[key]["finished"], got[key]["failed"]) == (c["finished"], c["failed"])
+        assert got[key]["failure_rate"] == pytest.approx(c["failed"] / c["finished"])
+    # b1 failed and b3 completed on the 1st; b2 (failed) belongs to the 2nd in UTC
+    assert got[(date(2024, 3, 1), "handler")]["failure_rate"] == 0.5
+    assert got[(date(2024, 3, 2), "handler")]["failure_rate"] == 1.0
+
+
+def test_open_runs_lists_non_terminal_runs_with_their_age(con):
+    now, got = at_now(con, "SELECT * FROM open_runs")
+    expected = {r.id: r for r in LIVE if r.status not in TERMINAL}
+    assert {r["run_id"] for r in got} == set(expected) == {"a6", "b4", "b5"}
+    for row in got:
+        age = (now - expected[row["run_id"]].created).total_seconds()
+        assert row["age_seconds"] == pytest.approx(age, abs=1e-6)
+
+
+def test_stuck_runs_are_open_runs_older_than_24h_by_default(con):
+    got = {r["run_id"]: r for r in rows(con, "SELECT * FROM stuck_runs")}
+    assert set(got) == {"a6", "b5"}
+    assert {r["stuck_after_seconds"] for r in got.values()} == {86400.0}
+
+
+def test_stuck_runs_follow_analytics_stuck_after_stored_by_apply_views(con):
+    settings = load_settings(None, {}, {"analytics": {"stuck_after": "2d"}})
+    warehouse.apply_views(con, settings=settings)
+    assert {r for (r,) in con.execute("SELECT run_id FROM stuck_runs").fetchall()} == {"a6"}
+    settings = load_settings(None, {}, {"analytics": {"stuck_after": "30m"}})
+    warehouse.apply_views(con, settings=settings)
+    assert {r for (r,) in con.execute("SELECT run_id FROM stuck_runs").fetchall()} == {
+        "a6", "b4", "b5"}
+
+
+def test_node_usage_counts_nodes_of_live_runs_only(con):
+    got = {r["node_id"]: r for r in rows(con, "SELECT * FROM node_usage")}
+    occurrences = Counter(n for r in LIVE for n in r.nodes)
+    runs = Counter(n for r in LIVE for n in set(r.nodes))
+    assert "n9" not in got  # only in the deleted run
+    assert {n: g["occurrences"] for n, g in got.items()} == occurrences
+    assert {n: g["runs"] for n, g in got.items()} == runs
+    assert got["n1"]["workflows"] == 2
+    assert got["n1"]["run_share"] == pytest.approx(3 / len(LIVE))
+    assert got["n3"]["last_seen_at"] == T + timedelta(hours=9)
+
+
+def test_sync_health_reports_last_success_freshness_and_failures(con):
+    now, (h,) = at_now(con, "SELECT * FROM sync_health")
+    last_ok = SYNCS[2]
+    finished = last_ok[2] + timedelta(seconds=last_ok[3])
+    assert h["last_success_sync_id"] == 3
+    assert h["last_success_at"] == finished
+    assert h["freshness_seconds"] == pytest.approx((now - finished).total_seconds(), abs=1e-6)
+    assert h["last_success_runs_seen"] == 14
+    assert h["last_success_rows_changed"] == 2 + 3 + 1
+    assert (h["last_attempt_sync_id"], h["last_attempt_outcome"]) == (4, "abandoned")
+    assert h["last_attempt_error"] == "killed"
+    assert (h["syncs"], h["successes"], h["failures"], h["abandoned"]) == (4, 2, 1, 1)
+    assert h["failures_since_success"] == 1
+    assert h["avg_rows_changed"] == pytest.approx((12 + 6) / 2)
+
+
+def test_sync_history_has_rows_changed_per_attempt(con):
+    got = {r["sync_id"]: r["rows_changed"] for r in rows(con, "SELECT * FROM sync_history")}
+    assert got == {1: 12, 2: 0, 3: 6, 4: 0}
