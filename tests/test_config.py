@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from runs_etl.config import (
     DEFAULT_API_URL,
@@ -182,6 +183,23 @@ def test_full_toml_above_covers_every_setting():
         assert set(doc[section]) == set(model.model_fields), section
 
 
+EXAMPLE = Path(__file__).resolve().parents[1] / "config.example.toml"
+
+
+def test_config_example_parses_and_its_values_are_the_defaults():
+    assert load_settings(EXAMPLE, {}) == Settings()
+
+
+def test_config_example_documents_every_setting(tmp_path):
+    """Commented-out keys count as documented, and must parse once uncommented."""
+    text = re.sub(r"(?m)^# (\w+ = )", r"\1", EXAMPLE.read_text(encoding="utf-8"))
+    doc = tomllib.loads(text)
+    for section, field in Settings.model_fields.items():
+        missing = set(field.annotation.model_fields) - set(doc.get(section, {}))
+        assert not missing, f"config.example.toml lacks [{section}] {sorted(missing)}"
+    load_settings(write(tmp_path, text), {})
+
+
 def test_every_setting_has_a_description():
     for section, field in Settings.model_fields.items():
         for name, f in field.annotation.model_fields.items():
@@ -190,11 +208,11 @@ def test_every_setting_has_a_description():
 
 def test_settings_are_frozen():
     s = Settings()
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         s.api.page_size = 5  # type: ignore[misc]
 
 
-# --- validation ------------------------------------------------------------------------------------
+# --- validation ----------------------------------------------------------------------------------
 
 def test_all_problems_are_reported_in_one_error(tmp_path):
     conf = write(tmp_path, '[api]\nurl = "ftp://x"\npage_size = 0\nconcurrency = 0\n'
@@ -250,7 +268,7 @@ def test_optional_duration_can_be_left_unset():
     assert Settings().sync.full_refresh_every is None
 
 
-# --- the API key ----------------------------------------------------------------------------------
+# --- the API key ---------------------------------------------------------------------------------
 
 def test_api_key_read_from_key_file_and_stripped(tmp_path):
     key_file = write(tmp_path, f"  {SECRET}\n\n", name="key")

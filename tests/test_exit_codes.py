@@ -11,7 +11,7 @@ import pytest
 from conftest import settings_for
 
 # Subprocess and simulator helpers live with the lock tests; importing the fixtures enables them.
-from test_lock import _restore_logging, gate, ledger, procs  # noqa: F401
+from test_lock import _restore_logging, gate, ledger, procs  # noqa: F401 (fixtures)
 
 from runs_etl import cli, errors
 from runs_etl.lock import writer_lock
@@ -20,7 +20,7 @@ from runs_etl.sim import Faults
 
 @pytest.fixture
 def run_cli(monkeypatch, tmp_path, capsys):
-    """``run_cli(sim, *args, **env)`` -> (exit code, stdout, stderr) of an in-process ``runs-etl``."""
+    """``run_cli(sim, *args, **env)`` -> (exit code, stdout, stderr) of ``runs-etl`` in process."""
     monkeypatch.chdir(tmp_path)  # no stray ./runs-etl.toml
 
     def run(sim, *args: str, **env: str):
@@ -110,8 +110,8 @@ def test_export_takes_the_same_lock_and_exits_75(run_cli, tmp_path):
     assert "runs-etl sync" in one_error_line(err)
 
 
-def test_sigterm_during_a_sync_exits_130_and_keeps_the_previous_commit(make_sim, sim_env, gate,  # noqa: F811
-                                                                       procs, tmp_path):  # noqa: F811
+def test_sigterm_during_a_sync_exits_130_and_keeps_the_previous_commit(
+        make_sim, sim_env, gate, procs, tmp_path):  # noqa: F811
     sim = make_sim(300)
     db = tmp_path / "runs.duckdb"
     cli.run_sync(settings_for(sim, db), quiet=True)

@@ -15,7 +15,7 @@ import pytest
 from conftest import settings_for
 
 from runs_etl import cli
-from runs_etl.errors import EXIT_LOCKED, LockedError
+from runs_etl.errors import EXIT_LOCKED, LockedError, WarehouseError
 from runs_etl.lock import holder_path, lock_path, read_holder, writer_lock
 
 LOGGERS = ("runs_etl", "apscheduler", "filelock", "httpx", "httpcore")
@@ -193,6 +193,13 @@ def test_a_writer_that_waits_too_long_gets_locked_error(tmp_path):
         with pytest.raises(LockedError, match=r"still held after waiting 0\.2s"):
             with writer_lock(db, wait=0.2):
                 pass
+
+
+def test_a_lock_that_cannot_be_created_is_a_warehouse_error_not_a_traceback(tmp_path):
+    (tmp_path / "not-a-folder").write_text("", encoding="utf-8")
+    with pytest.raises(WarehouseError, match="cannot take the writer lock"):
+        with writer_lock(tmp_path / "not-a-folder" / "runs.duckdb"):
+            pass
 
 
 def test_in_memory_warehouse_needs_no_lock(tmp_path):

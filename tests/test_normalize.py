@@ -198,3 +198,18 @@ def test_workflow_timestamps_and_flags_are_typed():
     row = workflows_table(runs_from(make_run(1, workflow=wf)), [1]).to_pylist()[0]
     assert row["deleted_at"] == datetime(2024, 2, 1, tzinfo=UTC)
     assert row["saved"] is False and row["last_run_at"] is None
+
+
+
+@pytest.mark.parametrize("field", ["progress", "workflow.runs_count"])
+def test_an_integer_too_large_for_its_column_is_rejected_not_a_crash(field):
+    """One bad record costs that record (rejected), never the whole page or sync."""
+    huge = 2**31 if field == "progress" else 2**63
+    bad = make_run(1, progress=huge) if field == "progress" else \
+        make_run(1, workflow=make_run(1)["workflow"] | {"runs_count": huge})
+    body = {"items": [bad, make_run(2)], "total": 2, "page": 1, "size": 10, "pages": 1}
+    page = parse_page(json.dumps(body).encode())
+    batch = normalize(page.runs, [1] * len(page.runs))
+    assert column(batch.runs, "id") == [make_run(2)["id"]]
+    (rejected,) = page.rejected
+    assert rejected.run_id == bad["id"] and field.split(".")[-1] in rejected.error

@@ -16,7 +16,7 @@ import pytest
 from conftest import settings_for
 
 # Subprocess and simulator helpers live with the lock tests; importing the fixtures enables them.
-from test_lock import _restore_logging, gate, ledger, procs  # noqa: F401
+from test_lock import _restore_logging, gate, ledger, procs  # noqa: F401 (fixtures)
 
 from runs_etl import cli
 from runs_etl.config import ScheduleSettings, load_settings
@@ -192,8 +192,18 @@ def test_without_run_at_start_the_first_sync_waits_for_the_schedule(tmp_path, lo
 
 def test_schedule_command_without_a_schedule_exits_2(monkeypatch, tmp_path, capsys):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RUNS_ETL_API_KEY", "k")
     assert cli.main(["schedule"]) == 2
     assert "Error: invalid configuration: schedule: set exactly one of" in capsys.readouterr().err
+
+
+def test_schedule_command_without_an_api_key_exits_2_at_start(monkeypatch, tmp_path, capsys):
+    monkeypatch.chdir(tmp_path)
+    for k in ("RUNS_ETL_API_KEY", "RUNS_ETL_API_KEY_FILE"):
+        monkeypatch.delenv(k, raising=False)
+    (tmp_path / "runs-etl.toml").write_text('[schedule]\ninterval = "15m"\n', encoding="utf-8")
+    assert cli.main(["schedule"]) == 2
+    assert "no API key" in capsys.readouterr().err
 
 
 # --- signals (a real daemon process) ---------------------------------------------------------
@@ -222,22 +232,21 @@ def _run_ids(db: Path) -> set[str]:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_signal_lets_the_running_sync_commit_then_exits_0(make_sim, sim_env, gate,  # noqa: F811
-                                                             procs, tmp_path, sig):  # noqa: F811
+def test_a_signal_lets_the_running_sync_commit_then_exits_0(
+        make_sim, sim_env, gate, procs, tmp_path, sig):  # noqa: F811
     sim, db, _, held, daemon = _daemon_with_a_sync_in_flight(make_sim, sim_env, gate, procs,
                                                              tmp_path)
     daemon.popen.send_signal(sig)
     daemon.wait_for("stopping after the running sync")
     held.open()
     assert daemon.finish() == 0, daemon.output
-    assert _run_ids(db) == sim.run_ids()  # the whole new commit
-    assert [o for _, o, _ in ledger(db)] == ["success", "success"]
+    assert [o for _, o, _ in ledger(db)] == ["success", "success"], daemon.output
+    assert _run_ids(db) == sim.run_ids(), daemon.output  # the whole new commit
     assert "scheduler stopped" in daemon.output and "Traceback" not in daemon.output
 
 
-def test_a_second_signal_aborts_the_running_sync_without_committing(make_sim, sim_env,
-                                                                     gate, procs,  # noqa: F811
-                                                                     tmp_path):
+def test_a_second_signal_aborts_the_running_sync_without_committing(
+        make_sim, sim_env, gate, procs, tmp_path):  # noqa: F811
     sim, db, before, held, daemon = _daemon_with_a_sync_in_flight(make_sim, sim_env, gate, procs,
                                                                   tmp_path)
     daemon.popen.send_signal(signal.SIGTERM)

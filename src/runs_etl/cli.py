@@ -129,10 +129,27 @@ def run_sync(settings: Settings, *, quiet: bool = False, full_refresh: bool = Fa
         con = warehouse.connect(wh.duckdb_path, memory_limit=wh.memory_limit)
         try:
             with make_progress(quiet=quiet) as progress:
-                return sync(settings, con, transport=transport, progress=progress,
-                            full_refresh=full_refresh, allow_mass_delete=allow_mass_delete)
+                result = sync(settings, con, transport=transport, progress=progress,
+                              full_refresh=full_refresh, allow_mass_delete=allow_mass_delete)
+            if settings.export.parquet_dir is not None:
+                _export_after_sync(settings, con, result)
+            return result
         finally:
             con.close()
+
+
+def _export_after_sync(settings: Settings, con, result: SyncResult) -> None:
+    """Refresh the Parquet export from the sync's committed state; the sync itself stands."""
+    from .export import export_parquet
+
+    try:
+        exported = export_parquet(settings, con=con)
+    except RunsEtlError as e:
+        err = RunsEtlError(f"sync {result.sync_id} was committed, but the Parquet export "
+                           f"failed: {e}")
+        err.exit_code = e.exit_code
+        raise err from e
+    log.info("%s", exported)
 
 
 def cmd_sync(args: argparse.Namespace) -> int:

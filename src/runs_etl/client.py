@@ -28,7 +28,7 @@ from .models import EnvelopeError, ParsedPage, Run, parse_page, parse_run
 
 RUNS_PATH = "/v1/runs"
 USER_AGENT = "runs-etl/0.1"
-# A server asking us to wait longer than this is treated as down rather than slept on.
+# Retry-After is honoured up to this many seconds; a longer request is capped, not obeyed.
 MAX_RETRY_AFTER = 300.0
 
 

@@ -92,7 +92,7 @@ class ApiSettings(_Section):
 
 class WarehouseSettings(_Section):
     duckdb_path: Path = Field(Path(DEFAULT_DUCKDB_PATH), description="DuckDB database file")
-    memory_limit: str = Field("1GB", description="DuckDB memory_limit (spills to disk beyond)")
+    memory_limit: str = Field("256MB", description="DuckDB memory_limit (spills to disk beyond)")
     lock_wait: float = Field(0, ge=0, description="seconds to wait for another writer")
 
 

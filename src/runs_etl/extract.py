@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from . import ledger
 from .client import ApiClient, FetchedPage
 from .config import Settings
+from .load import check_mass_delete
 from .models import TERMINAL_STATUSES, ParsedPage, utc
 from .walk import NullProgress, Progress, WalkReport, full_walk, head_walk
 
@@ -80,10 +81,12 @@ def plan_sync(con, settings: Settings, *, full_refresh: bool, now: datetime | No
 
 
 async def extract(plan: Plan, client: ApiClient, sink, reader, settings: Settings,
-                  progress: Progress | None = None) -> Extracted:
+                  progress: Progress | None = None, *,
+                  allow_mass_delete: bool = False) -> Extracted:
     """Run the plan; an incremental walk that finds the order broken becomes a fallback."""
     progress = progress or NullProgress()
     walk_kw = dict(workers=settings.api.concurrency, max_pages=settings.api.max_pages)
+    extracted = None
     if plan.mode == "incremental":
         guard = asyncio.Lock()
 
@@ -99,12 +102,42 @@ async def extract(plan: Plan, client: ApiClient, sink, reader, settings: Setting
 
         report = await head_walk(client, sink, stop_after=settled, progress=progress, **walk_kw)
         if report.newest_first:
-            return await _refresh_open(plan, report, client, sink, settings, progress)
-        plan = Plan("fallback", "incremental walk found the source not newest-first")
-        log.warning("%s: falling back to a full walk", plan.reason)
-    report = await full_walk(client, sink, max_passes=settings.sync.max_walk_passes,
-                             progress=progress, **walk_kw)
-    return Extracted(plan.mode, f"{plan.reason}; {report.reason}", report, True)
+            extracted = await _refresh_open(plan, report, client, sink, settings, progress)
+        else:
+            plan = Plan("fallback", "incremental walk found the source not newest-first")
+            log.warning("%s: falling back to a full walk", plan.reason)
+    if extracted is None:
+        report = await full_walk(client, sink, max_passes=settings.sync.max_walk_passes,
+                                 progress=progress, **walk_kw)
+        extracted = Extracted(plan.mode, f"{plan.reason}; {report.reason}", report, True)
+    if extracted.full_walk and extracted.walk.verified:
+        await _confirm_absent(extracted, client, sink, settings, allow_mass_delete)
+    return extracted
+
+
+async def _confirm_absent(extracted: Extracted, client: ApiClient, sink, settings: Settings,
+                          allow_mass_delete: bool) -> None:
+    """Live runs a verified walk did not see are deletion candidates; each is confirmed by id
+    (404 = gone) before anything is marked, so a walk fooled by the source cannot delete."""
+    con = sink.stage.con
+    candidates, live = await asyncio.to_thread(lambda: (
+        [r[0] for r in con.execute("SELECT id FROM runs WHERE _deleted_at IS NULL "
+                                   "AND id NOT IN (SELECT id FROM stage_runs)").fetchall()],
+        con.execute("SELECT count(*) FROM runs WHERE _deleted_at IS NULL").fetchall()[0][0]))
+    if not candidates:
+        return
+    if not allow_mass_delete:
+        check_mass_delete(len(candidates), live, settings.sync.max_delete_fraction)
+    fetched = await asyncio.gather(*(client.fetch_run(i) for i in candidates))
+    found = [r for r in fetched if r is not None]
+    extracted.missing_ids.extend(i for i, r in zip(candidates, fetched) if r is None)
+    if found:
+        log.warning("%d runs missed by the walk still exist (found by id): kept and refreshed",
+                    len(found))
+        extracted.reason += f"; {len(found)} runs missed by the walk were found by id"
+        await sink.put(FetchedPage(0, client.next_seq(), ParsedPage(found, [], None, None),
+                                   None, 0))
+        await sink.flush()
 
 
 def _count_settled(reader, ids: list[str]) -> int:

@@ -155,9 +155,13 @@ def make_progress(*, quiet: bool, stream: TextIO | None = None):
 
 def summary_line(result) -> str:
     """The one line per sync that cron mails and log search find."""
-    verified = "verified" if result.verified else "UNVERIFIED"
+    # Only a full walk can be verified complete; an incremental one is partial by design.
+    if result.mode == "incremental" and not result.verified:
+        how = ""
+    else:
+        how = "verified: " if result.verified else "UNVERIFIED: "
     return (
-        f"sync {result.sync_id} {result.outcome}: mode={result.mode} ({verified}: "
+        f"sync {result.sync_id} {result.outcome}: mode={result.mode} ({how}"
         f"{result.mode_reason}) pages={result.pages} requests={result.requests} "
         f"retries={result.retries} runs={result.runs_seen} new={result.rows_new} "
         f"updated={result.rows_updated} unchanged={result.rows_unchanged} "

@@ -4,7 +4,7 @@ Staging on disk keeps memory flat however many runs a sync sees: Python holds on
 time, and DuckDB reads the staged files column by column. The merge then applies the freshest
 snapshot of each run (highest arrival ``_seq``) with a few set-based statements inside the sync's
 transaction; an unchanged run is not rewritten. Views ``stage_runs`` / ``stage_workflows`` /
-``stage_nodes`` over the staged files also drive walk verification and deletes.
+``stage_nodes`` over the staged files also drive walk verification and delete candidates.
 """
 
 from __future__ import annotations
@@ -49,6 +49,15 @@ def _changed(cols: list[str], a: str, b: str) -> str:
 
 def _list(cols: list[str], prefix: str = "") -> str:
     return ", ".join(prefix + c for c in cols)
+
+
+def check_mass_delete(n: int, live: int, max_fraction: float) -> None:
+    """The circuit breaker: refuse to mark more than ``max_fraction`` of live runs deleted."""
+    if n and n > max_fraction * live:
+        raise DataError(
+            f"refusing to mark {n} of {live} runs deleted ({n / live:.1%} > "
+            f"sync.max_delete_fraction {max_fraction:.1%}); nothing was committed. If the "
+            "source really lost them, run again with --allow-mass-delete")
 
 
 class Stage:
@@ -158,24 +167,17 @@ class Stage:
                          "error, raw, now() FROM stage_rejected", [self.sync_id])
         return n
 
-    def mark_deleted(self, *, absent: bool, ids: list[str], max_fraction: float | None) -> int:
-        """Soft-delete live runs that are gone: absent from this sync's sightings (pass
-        ``absent=True`` only after a verified complete walk) or 404 by id (``ids``). Refuses
-        with DataError beyond ``max_fraction`` of the live runs."""
+    def mark_deleted(self, ids: list[str], *, max_fraction: float | None) -> int:
+        """Soft-delete the live runs among ``ids`` (confirmed gone: 404 by id). Refuses with
+        DataError beyond ``max_fraction`` of the live runs (None = no limit)."""
         con = self.con
         con.execute("CREATE OR REPLACE TEMP TABLE gone AS SELECT unnest($ids::VARCHAR[]) AS id",
                     {"ids": ids})
-        if absent:
-            con.execute("INSERT INTO gone SELECT id FROM runs WHERE _deleted_at IS NULL "
-                        "AND id NOT IN (SELECT id FROM stage_runs)")
         (n,) = con.execute("SELECT count(DISTINCT id) FROM runs WHERE _deleted_at IS NULL "
                            "AND id IN (SELECT id FROM gone)").fetchall()[0]
         (live,) = con.execute("SELECT count(*) FROM runs WHERE _deleted_at IS NULL").fetchall()[0]
-        if n and max_fraction is not None and n > max_fraction * live:
-            raise DataError(
-                f"refusing to mark {n} of {live} runs deleted ({n / live:.1%} > "
-                f"sync.max_delete_fraction {max_fraction:.1%}); nothing was committed. If the "
-                "source really lost them, run again with --allow-mass-delete")
+        if max_fraction is not None:
+            check_mass_delete(n, live, max_fraction)
         if n:
             con.execute("UPDATE runs SET _deleted_at = now(), _synced_at = now(), _sync_id = ? "
                         "WHERE _deleted_at IS NULL AND id IN (SELECT id FROM gone)",

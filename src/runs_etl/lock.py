@@ -20,7 +20,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from .errors import LockedError
+from .errors import LockedError, WarehouseError
 
 log = logging.getLogger("runs_etl.lock")
 
@@ -96,6 +96,23 @@ def locked_message(db_path: Path, waited: float) -> str:
             "--wait SECONDS (warehouse.lock_wait) to queue behind it")
 
 
+def _acquire(lock: FileLock, db_path: Path, wait: float) -> None:
+    try:
+        lock.acquire(timeout=0)
+        return
+    except Timeout:
+        if wait <= 0:
+            raise LockedError(locked_message(db_path, 0)) from None
+    holder = read_holder(db_path)
+    log.info("%s is busy: %s holds it; waiting up to %gs", db_path,
+             holder.describe() if holder else "another runs-etl process", wait,
+             extra={"event": "lock_wait", "holder_pid": holder.pid if holder else None})
+    try:
+        lock.acquire(timeout=wait, poll_interval=POLL_SECONDS)
+    except Timeout:
+        raise LockedError(locked_message(db_path, wait)) from None
+
+
 @contextmanager
 def writer_lock(db_path: Path | str, wait: float = 0.0, *,
                 command: str = "runs-etl") -> Iterator[Holder | None]:
@@ -105,21 +122,12 @@ def writer_lock(db_path: Path | str, wait: float = 0.0, *,
         yield None
         return
     path = lock_path(db_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(path))
     try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        if wait <= 0:
-            raise LockedError(locked_message(db_path, 0)) from None
-        holder = read_holder(db_path)
-        log.info("%s is busy: %s holds it; waiting up to %gs", db_path,
-                 holder.describe() if holder else "another runs-etl process", wait,
-                 extra={"event": "lock_wait", "holder_pid": holder.pid if holder else None})
-        try:
-            lock.acquire(timeout=wait, poll_interval=POLL_SECONDS)
-        except Timeout:
-            raise LockedError(locked_message(db_path, wait)) from None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _acquire(lock, db_path, wait)
+    except OSError as e:  # Timeout is an OSError too, but _acquire turns it into LockedError
+        raise WarehouseError(f"cannot take the writer lock {path}: {e.strerror or e}") from None
     try:
         holder = Holder(os.getpid(), socket.gethostname(),
                         datetime.now(UTC).isoformat(timespec="seconds"), command)

@@ -15,6 +15,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+# Bounds of the warehouse columns (INTEGER, BIGINT): a value outside is a rejected record,
+# not a crashed batch.
+INT32 = dict(ge=-(2**31), le=2**31 - 1)
+INT64 = dict(ge=-(2**63), le=2**63 - 1)
+
 TERMINAL_STATUSES = frozenset({"completed", "failed", "stopped"})
 # Documented open statuses; any status not in TERMINAL_STATUSES is treated as open.
 OPEN_STATUSES = frozenset({"queued", "running", "awaiting_human_feedback"})
@@ -40,7 +45,7 @@ class Workflow(BaseModel):
     last_run_at: datetime | None = None
     created_at: datetime | None = None
     deleted_at: datetime | None = None
-    runs_count: int | None = None
+    runs_count: int | None = Field(None, **INT64)
     author_name: str | None = None
     description: str | None = None
     saved: bool | None = None
@@ -58,7 +63,7 @@ class Run(BaseModel):
     input: Any = None
     node_ids: list[str] | dict[str, Any] | None = None
     status: str
-    progress: int | None = None
+    progress: int | None = Field(None, **INT32)
     definitions: Any = None
     created_at: datetime
     finished_at: datetime | None = None

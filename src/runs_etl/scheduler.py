@@ -105,7 +105,7 @@ def build_trigger(schedule: ScheduleSettings, tz: tzinfo):
 
 
 def default_sync(settings: Settings):
-    """What a scheduled run does: the same locked sync as ``runs-etl sync`` (it logs its summary)."""
+    """A scheduled run: the same locked sync as ``runs-etl sync``, which logs its summary line."""
     from .cli import run_sync  # cli imports this module lazily; importing it here avoids a cycle
 
     return run_sync(settings, quiet=True)
@@ -173,6 +173,8 @@ def run_scheduler(settings: Settings, *, sync_fn: SyncFn | None = None,
     schedule = settings.schedule
     tz = _timezone(schedule.timezone)
     trigger = build_trigger(schedule, tz)
+    if sync_fn is None:
+        settings.api_key()  # a missing key fails the service at start, not every run after
     daemon = _Daemon(settings, sync_fn or default_sync, stop_event or threading.Event())
     scheduler = BackgroundScheduler(timezone=tz, executors={"default": ThreadPoolExecutor(1)})
     daemon.scheduler = scheduler

@@ -1,8 +1,9 @@
-"""One sync: walk the API, stage pages as Arrow batches, merge, and commit once.
+"""One sync: extract (walk the API), stage pages as Parquet batches, merge, and commit once.
 
 ``sync(settings, con)`` is what the CLI, the scheduler and the tests call. Fetching is async and
-concurrent; validation happens as pages arrive; staging into DuckDB runs in a worker thread
-behind a lock, so at most ``batch_pages`` pages (plus those in flight) are ever held in memory.
+concurrent; validation happens as pages arrive; one consumer task normalizes and stages batches
+in a worker thread behind a bounded queue, so at most about ``2 * batch_pages`` pages (plus those
+in flight) are ever held in memory.
 """
 
 from __future__ import annotations
@@ -154,11 +155,12 @@ class StagingSink:
 
 
 async def _extract(settings: Settings, plan: Plan, sink: StagingSink, reader, result: SyncResult,
-                   transport: httpx.AsyncBaseTransport | None,
-                   progress: Progress) -> Extracted:
+                   transport: httpx.AsyncBaseTransport | None, progress: Progress,
+                   allow_mass_delete: bool) -> Extracted:
     client = ApiClient.from_settings(settings, transport=transport)
     try:
-        return await extract(plan, client, sink, reader, settings, progress)
+        return await extract(plan, client, sink, reader, settings, progress,
+                             allow_mass_delete=allow_mass_delete)
     finally:
         await sink.aclose()
         s = client.stats
@@ -200,7 +202,7 @@ def sync(settings: Settings, con, *, transport: httpx.AsyncBaseTransport | None 
         t0 = time.perf_counter()
         with _fewer_gc_passes():
             extracted = asyncio.run(_extract(settings, plan, sink, reader, result, transport,
-                                             progress or NullProgress()))
+                                             progress or NullProgress(), allow_mass_delete))
         result.seconds_extract = time.perf_counter() - t0
         _record_walk(result, extracted)
         t1 = time.perf_counter()
@@ -256,9 +258,9 @@ def _finish_load(stage: Stage, settings: Settings, result: SyncResult, extracted
             + con.execute("SELECT error FROM stage_rejected LIMIT 1").fetchall()[0][0])
     for k, v in asdict(stage.merge()).items():
         setattr(result, k, v)
-    # Absent from a verified complete walk = deleted; a 404 by id = deleted. Nothing else is.
+    # Only runs confirmed gone (404 by id) are deleted; see extract.py for how they are found.
     result.rows_deleted = stage.mark_deleted(
-        absent=result.verified, ids=extracted.missing_ids,
+        extracted.missing_ids,
         max_fraction=None if allow_mass_delete else settings.sync.max_delete_fraction)
     stage.save_rejected()
     warehouse.apply_views(con, settings=settings)

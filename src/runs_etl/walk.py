@@ -11,9 +11,13 @@ snapshot wins), a delete ahead of a page skips one (dangerous). The algorithm:
    snapshot, hence complete.
 3. Otherwise the source moved, and another **pass** walks it again. A pass *converges* when it
    discovers no run that earlier passes missed and that is older than the newest run they saw
-   (newer ones were created during the sync, not skipped). A clean or converged pass makes the
-   walk **verified**; after ``max_passes`` it is recorded as unverified (and deletes are not
-   applied from it).
+   (newer ones were created during the sync, not skipped), and its own totals never went down
+   in arrival order (no sign of a delete, the only thing that makes offset paging skip a run,
+   while it walked). A clean or converged pass makes the walk **verified**; after
+   ``max_passes`` it is recorded as unverified, and no delete is applied from it.
+4. A run can only be skipped by every pass if deletes ahead of it happened in each pass and were
+   exactly hidden by inserts at the same moments. Deletes therefore never rest on the walk
+   alone: each candidate is confirmed with ``GET /v1/runs/{id}`` (404) before it is marked.
 
 With null ``total`` a pass ends at the first short page and can never be clean, so such servers
 always get a confirming second pass. The bookkeeping (distinct ids, discoveries) is done in
@@ -76,19 +80,19 @@ class _Pass:
 
     first_seq: int = 1 << 62
     last_seq: int = 0
-    totals: set = field(default_factory=set)
+    totals: list = field(default_factory=list)  # (arrival seq, total) per response
     pages: int = 0
     last_total: int | None = None
     last_total_seq: int = 0
     rows: int = 0  # runs received, repeats included
     rejected: int = 0  # records that failed validation
-    bounds: dict[int, tuple] = field(default_factory=dict)  # page -> (newest, oldest)
+    bounds: dict[int, tuple] = field(default_factory=dict)  # page -> (newest, oldest, total)
     sorted_within: bool = True
 
     def record(self, page: FetchedPage) -> None:
         self.first_seq = min(self.first_seq, page.seq)
         self.last_seq = max(self.last_seq, page.seq)
-        self.totals.add(page.parsed.total)
+        self.totals.append((page.seq, page.parsed.total))
         self.pages += 1
         self.rows += len(page.parsed.runs)
         self.rejected += len(page.parsed.rejected)
@@ -97,15 +101,36 @@ class _Pass:
         created = [utc(r.created_at) for r in page.parsed.runs]
         if created:
             self.sorted_within &= all(a >= b for a, b in zip(created, created[1:]))
-            self.bounds[page.number] = (created[0], created[-1])
+            self.bounds[page.number] = (created[0], created[-1], page.parsed.total)
+
+    def constant_total(self) -> int | None:
+        """The total every response of the pass reported, if they all agree."""
+        values = {t for _, t in self.totals}
+        return values.pop() if len(values) == 1 else None
+
+    def never_shrank(self) -> bool:
+        """Totals, in arrival order, never went down: no sign of a delete during the pass.
+        (A server sending null totals shows no sign either way; deletes are still confirmed by
+        id before they are applied.)"""
+        seen = [t for _, t in sorted(self.totals) if t is not None]
+        return all(a <= b for a, b in zip(seen, seen[1:]))
 
     def newest_first(self) -> bool:
-        """Newest-first within every page and across consecutive pages (ties allowed)."""
+        """Newest-first within every page and across consecutive pages (ties allowed).
+
+        Runs created between the fetches of page k and k+1 push page k's last runs onto the
+        start of page k+1: such a pair may overlap when the source grew in between."""
         if not self.sorted_within:
             return False
         numbers = sorted(self.bounds)
-        return all(self.bounds[a][1] >= self.bounds[b][0]
-                   for a, b in zip(numbers, numbers[1:]) if b == a + 1)
+        for a, b in zip(numbers, numbers[1:]):
+            if b != a + 1:
+                continue
+            (_, oldest_a, total_a), (newest_b, _, total_b) = self.bounds[a], self.bounds[b]
+            grew = total_a is not None and total_b is not None and total_b > total_a
+            if newest_b > oldest_a and not grew:
+                return False
+        return True
 
 
 async def walk_pages(client: ApiClient, sink: PageSink, first: FetchedPage, *, workers: int,
@@ -185,13 +210,13 @@ async def full_walk(client: ApiClient, sink: PageSink, *, workers: int, max_page
         await sink.flush()
         _account(report, state, number)
         stats = await sink.pass_stats(state.first_seq, state.last_seq)
-        total = next(iter(state.totals)) if len(state.totals) == 1 else None
+        total = state.constant_total()
         if total is not None and state.rows == stats.distinct \
                 and stats.distinct + state.rejected == total:
             report.verified = True
             report.reason = "clean walk" if number == 1 else f"clean walk on pass {number}"
             return report
-        if number > 1 and stats.old_discoveries == 0:
+        if number > 1 and stats.old_discoveries == 0 and state.never_shrank():
             report.verified = True
             report.reason = f"converged after {number} passes"
             return report

@@ -47,7 +47,7 @@ MIGRATIONS: list[tuple[int, str, str]] = [
 
 
 
-def connect(path: Path, *, memory_limit: str = "1GB", read_only: bool = False):
+def connect(path: Path, *, memory_limit: str = "256MB", read_only: bool = False):
     """Open (creating its folder) the warehouse; a file held by another process is LockedError."""
     path = Path(path)
     try:

@@ -1,0 +1,321 @@
+"""Helpers for integration tests: is the warehouse an exact mirror of the source?
+
+``assert_mirror(db, sim)`` compares the DuckDB file with ``sim.snapshot()`` (or any id -> run dict
+in API shape) field by field; the rest reads the warehouse, runs the CLI and holds requests.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pytest
+
+from runs_etl import cli
+
+TERMINAL = frozenset({"completed", "failed", "stopped"})
+# Fields the runs table stores in columns of the same name; anything else belongs in ``extra``.
+RUN_FIELDS = ("id", "group_id", "workflow_id", "input", "node_ids", "status", "progress",
+              "definitions", "created_at", "finished_at", "workflow", "source")
+WORKFLOW_FIELDS = ("id", "group_id", "name", "type", "definition", "last_updated_at",
+                   "last_run_at", "created_at", "deleted_at", "runs_count", "author_name",
+                   "description", "saved", "error_handler")
+_RUN_TS = ("created_at", "finished_at")
+_RUN_JSON = ("input", "definitions", "extra")
+_WF_TS = ("last_updated_at", "last_run_at", "created_at", "deleted_at")
+DATA_TABLES = ("runs", "workflows", "run_nodes", "rejected_records", "sync_state")
+LOGGERS = ("runs_etl", "apscheduler", "filelock", "httpx", "httpcore")
+
+
+# --- reading the warehouse ------------------------------------------------------------------
+
+def instant(value: Any) -> datetime | None:
+    """A wire timestamp (offset, 'Z' or naive = UTC) or a datetime, as an aware UTC instant."""
+    if value is None:
+        return None
+    dt = value if isinstance(value, datetime) else datetime.fromisoformat(value)
+    return (dt if dt.tzinfo else dt.replace(tzinfo=UTC)).astimezone(UTC)
+
+
+def _loads(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+@contextmanager
+def open_db(db):
+    """A plain connection to the warehouse file (same config as the product's, so it can be
+    opened while an in-process sync connection exists), closed afterwards; an open DuckDB
+    connection (e.g. ``:memory:``) is used as it is."""
+    if not isinstance(db, (str, Path)):
+        yield db
+        return
+    con = duckdb.connect(str(db))
+    try:
+        yield con
+    finally:
+        con.close()
+
+
+def _dicts(con, sql: str, params=None) -> list[dict]:
+    cur = con.execute(sql, params or [])
+    names = [d[0] for d in cur.description]
+    return [dict(zip(names, row)) for row in cur.fetchall()]
+
+
+@dataclass
+class Warehouse:
+    """What a reader of the warehouse sees, in Python values (JSON parsed, instants in UTC)."""
+
+    runs: dict[str, dict] = field(default_factory=dict)  # id -> row (the last one, if repeated)
+    run_id_counts: Counter = field(default_factory=Counter)
+    workflows: list[dict] = field(default_factory=list)
+    run_nodes: list[tuple] = field(default_factory=list)
+    ledger: list[dict] = field(default_factory=list)
+    rejected: list[dict] = field(default_factory=list)
+
+    @property
+    def live(self) -> set[str]:
+        return {i for i, r in self.runs.items() if r["_deleted_at"] is None}
+
+    @property
+    def deleted(self) -> set[str]:
+        return {i for i, r in self.runs.items() if r["_deleted_at"] is not None}
+
+
+def read_warehouse(db: Path) -> Warehouse:
+    wh = Warehouse()
+    with open_db(db) as con:
+        for row in _dicts(con, "SELECT * FROM runs"):
+            for k in _RUN_JSON:
+                row[k] = _loads(row[k])
+            for k in (*_RUN_TS, "_deleted_at"):
+                row[k] = instant(row[k])
+            wh.runs[row["id"]] = row
+            wh.run_id_counts[row["id"]] += 1
+        for row in _dicts(con, "SELECT * FROM workflows"):
+            row["definition"], row["extra"] = _loads(row["definition"]), _loads(row["extra"])
+            for k in _WF_TS:
+                row[k] = instant(row[k])
+            wh.workflows.append(row)
+        wh.run_nodes = con.execute("SELECT run_id, position, node_id FROM run_nodes").fetchall()
+        wh.ledger = _dicts(con, "SELECT * FROM sync_runs ORDER BY sync_id")
+        wh.rejected = _dicts(con, "SELECT * FROM rejected_records ORDER BY page, item_index")
+    return wh
+
+
+def ledger(db: Path) -> list[dict]:
+    with open_db(db) as con:
+        return _dicts(con, "SELECT * FROM sync_runs ORDER BY sync_id")
+
+
+def dump_tables(db: Path, tables: Iterable[str] = DATA_TABLES) -> dict[str, list]:
+    """Every row of ``tables``, sorted: equal dumps mean nothing was written to them."""
+    with open_db(db) as con:
+        return {t: sorted(map(repr, con.execute(f"SELECT * FROM {t}").fetchall()))
+                for t in tables}
+
+
+# --- what the warehouse should hold ---------------------------------------------------------
+
+def expected_run(run: Mapping) -> dict:
+    """The columns an API run must land as: node_ids objects become their keys (the object
+    stays in extra.node_ids), unknown fields go to extra, timestamps are instants."""
+    nodes = run.get("node_ids")
+    extra = {k: v for k, v in run.items() if k not in RUN_FIELDS}
+    if isinstance(nodes, dict):
+        extra["node_ids"] = nodes
+        nodes = [str(k) for k in nodes]
+    return {"group_id": run.get("group_id"), "workflow_id": run.get("workflow_id"),
+            "input": run.get("input"), "node_ids": nodes, "status": run["status"],
+            "progress": run.get("progress"), "definitions": run.get("definitions"),
+            "created_at": instant(run["created_at"]),
+            "finished_at": instant(run.get("finished_at")),
+            "source": run.get("source"), "extra": extra or None}
+
+
+def expected_workflow(wf: Mapping) -> dict:
+    out = {k: wf.get(k) for k in WORKFLOW_FIELDS}
+    for k in _WF_TS:
+        out[k] = instant(out[k])
+    extra = {k: v for k, v in wf.items() if k not in WORKFLOW_FIELDS}
+    out["extra"] = extra or None
+    return out
+
+
+def run_differences(wh: Warehouse, expected: Mapping[str, Mapping]) -> list[tuple]:
+    """(id, column, expected, stored) for every run of ``expected`` stored differently."""
+    out = []
+    for run_id, run in expected.items():
+        row = wh.runs.get(run_id)
+        if row is None:
+            out.append((run_id, "<row>", "present", "missing"))
+            continue
+        for col, want in expected_run(run).items():
+            if row[col] != want:
+                out.append((run_id, col, want, row[col]))
+    return out
+
+
+def _snapshot_of(source) -> dict[str, dict]:
+    return source.snapshot() if hasattr(source, "snapshot") else dict(source)
+
+
+def assert_mirror(db: Path, source, *, stale: Iterable[str] = (),
+                  workflows: str | None = "exact") -> Warehouse:
+    """Assert the warehouse is an exact mirror of ``source`` (a Simulator or id -> run dict).
+
+    Live runs are exactly the source's runs (plus ``stale``: runs the source lost that the
+    warehouse may keep, e.g. deleted terminal runs after an incremental sync), each stored once,
+    with every column equal; ``run_nodes`` explodes their node_ids. ``workflows``: "exact" (one
+    row per embedded workflow, equal to the latest snapshot), "present" (every embedded workflow
+    has one row) or None.
+    """
+    expected = _snapshot_of(source)
+    wh = read_warehouse(db)
+    repeated = {i: n for i, n in wh.run_id_counts.items() if n > 1}
+    assert not repeated, f"run ids stored more than once: {list(repeated.items())[:5]}"
+    missing = set(expected) - wh.live
+    unexpected = wh.live - set(expected) - set(stale)
+    assert not missing, f"{len(missing)} source runs are not live in the warehouse, e.g. " \
+                        f"{sorted(missing)[:3]}"
+    assert not unexpected, f"{len(unexpected)} live warehouse runs are not in the source, e.g. " \
+                           f"{sorted(unexpected)[:3]}"
+    diffs = run_differences(wh, expected)
+    assert not diffs, f"{len(diffs)} stored values differ from the source, first: {diffs[:5]}"
+    _assert_run_nodes(wh, expected)
+    if workflows is not None:
+        _assert_workflows(wh, expected, exact=workflows == "exact")
+    return wh
+
+
+def _assert_run_nodes(wh: Warehouse, expected: Mapping[str, Mapping]) -> None:
+    keys = Counter((r, p) for r, p, _ in wh.run_nodes)
+    assert not [k for k, n in keys.items() if n > 1], "run_nodes repeats a (run_id, position)"
+    stored: dict[str, dict[int, str]] = {}
+    for run_id, position, node in wh.run_nodes:
+        stored.setdefault(run_id, {})[position] = node
+    bad = []
+    for run_id, run in expected.items():
+        nodes = expected_run(run)["node_ids"] or []
+        if stored.get(run_id, {}) != dict(enumerate(nodes)):
+            bad.append((run_id, nodes, stored.get(run_id)))
+    assert not bad, f"{len(bad)} runs' run_nodes do not match node_ids, first: {bad[:3]}"
+
+
+def _assert_workflows(wh: Warehouse, expected: Mapping[str, Mapping], *, exact: bool) -> None:
+    ids = Counter(w["id"] for w in wh.workflows)
+    assert all(n == 1 for n in ids.values()), f"workflows repeats an id: {ids}"
+    want = {run["workflow"]["id"]: run["workflow"] for run in expected.values()
+            if run.get("workflow")}
+    got = {w["id"]: w for w in wh.workflows}
+    assert set(want) <= set(got), f"workflows missing: {set(want) - set(got)}"
+    if not exact:
+        return
+    assert set(got) == set(want), f"workflows no source run embeds: {set(got) - set(want)}"
+    diffs = [(i, k, v, got[i][k]) for i, wf in want.items()
+             for k, v in expected_workflow(wf).items() if got[i][k] != v]
+    assert not diffs, f"workflow snapshots differ from the source, first: {diffs[:5]}"
+
+
+# --- picking runs to change -------------------------------------------------------------------
+
+def newest(snapshot: Mapping[str, Mapping], k: int, *, terminal: bool | None = None) -> list[str]:
+    """Ids of the k newest runs (optionally only terminal / only open ones)."""
+    runs = sorted(snapshot.values(), key=lambda r: (instant(r["created_at"]), r["id"]),
+                  reverse=True)
+    if terminal is not None:
+        runs = [r for r in runs if (r["status"] in TERMINAL) == terminal]
+    return [r["id"] for r in runs[:k]]
+
+
+def oldest_open(snapshot: Mapping[str, Mapping], k: int) -> list[str]:
+    runs = sorted((r for r in snapshot.values() if r["status"] not in TERMINAL),
+                  key=lambda r: (instant(r["created_at"]), r["id"]))
+    return [r["id"] for r in runs[:k]]
+
+
+# --- running the product --------------------------------------------------------------------
+
+@pytest.fixture(autouse=True)
+def restore_logging():
+    """``cli.main`` configures logging for a process; give the next test a clean slate."""
+    saved = {n: (lg.handlers[:], lg.level, lg.propagate)
+             for n in LOGGERS for lg in [logging.getLogger(n)]}
+    yield
+    for n, (handlers, level, propagate) in saved.items():
+        lg = logging.getLogger(n)
+        lg.handlers[:], lg.propagate = handlers, propagate
+        lg.setLevel(level)
+
+
+@pytest.fixture
+def run_cli(monkeypatch, tmp_path, capsys, sim_env):
+    """``run_cli(sim, *args, **env)`` -> (exit code, stdout, stderr) of ``runs-etl`` in process,
+    with the environment ``sim_env`` gives (warehouse: tmp_path / runs.duckdb)."""
+    monkeypatch.chdir(tmp_path)  # no stray ./runs-etl.toml
+
+    def run(sim, *args: str, **env: str):
+        for k in [k for k in os.environ if k.startswith("RUNS_ETL_")]:
+            monkeypatch.delenv(k)
+        for k, v in sim_env(sim, **env).items():
+            if k.startswith("RUNS_ETL_"):
+                monkeypatch.setenv(k, v)
+        capsys.readouterr()
+        code = cli.main(list(args))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+def error_line(err: str) -> str:
+    """The one ``Error:`` line a failed command prints (and no traceback)."""
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("Error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+class Gate:
+    """Holds the sim's list request number ``nth`` (counted by the sim) until ``open()``."""
+
+    def __init__(self, sim, nth: int):
+        self.nth = nth
+        self.entered, self.released = threading.Event(), threading.Event()
+        sim.on_list_request(self._hook)
+
+    def _hook(self, sim, page, size, n) -> None:
+        if n == self.nth:
+            self.entered.set()
+            self.released.wait(60)
+
+    def open(self) -> None:
+        self.released.set()
+
+
+@contextmanager
+def cli_process(args: list[str], env: Mapping[str, str], cwd: Path):
+    """``python -m runs_etl *args`` as a child process, killed at exit whatever happened.
+    Output goes to files (a full pipe would stall the child)."""
+    out, err = cwd / "child.stdout", cwd / "child.stderr"
+    with open(out, "w") as fo, open(err, "w") as fe:
+        proc = subprocess.Popen([sys.executable, "-m", "runs_etl", *args], env=dict(env),
+                                cwd=cwd, stdout=fo, stderr=fe, text=True)
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(30)
