@@ -93,26 +93,54 @@ def test_plain_syncs_read_only_the_head_yet_mirror_every_run_the_source_still_ha
     assert kept_deleted <= assert_mirror(db, sim).deleted
 
 
-def test_runs_created_while_syncs_walk_do_not_turn_plain_syncs_into_full_walks(make_sim,
-                                                                              tmp_path):
+@pytest.mark.parametrize("concurrency", [1, 8])
+def test_runs_created_while_plain_syncs_walk_do_not_turn_them_into_full_walks(make_sim,
+                                                                             tmp_path,
+                                                                             concurrency):
     sim = make_sim(3000, seed=19)
     db = tmp_path / "runs.duckdb"
-    settings = settings_for(sim, db, api={"page_size": PAGE, "concurrency": 1})
+    settings = settings_for(sim, db, api={"page_size": PAGE, "concurrency": concurrency})
+    assert cli.run_sync(settings, quiet=True).verified
+    full_walk = sim.list_request_count
 
     def busy(sim, page, size, n):  # a busy workspace: runs keep being created
         sim.add_runs(2)
 
     sim.on_list_request(busy)
-    first = cli.run_sync(settings, quiet=True)
-    full_walk = sim.list_request_count
-    second = cli.run_sync(settings, quiet=True)
+    for _ in range(2):
+        before = sim.list_request_count
+        result = cli.run_sync(settings, quiet=True)
+        assert result.mode == "incremental", result.mode_reason
+        assert sim.list_request_count - before < 0.25 * full_walk
     sim.on_list_request(None)
 
-    assert first.mode == "full" and first.verified
-    assert second.mode == "incremental", second.mode_reason
-    assert sim.list_request_count - full_walk < 0.25 * full_walk
-    cli.run_sync(settings, quiet=True)
+    assert cli.run_sync(settings, quiet=True).mode == "incremental"
     assert_mirror(db, sim, workflows="present")
+
+
+def test_runs_an_unverified_walk_missed_are_landed_by_the_next_plain_sync(make_sim, tmp_path):
+    sim = make_sim(1000, seed=22)
+    db = tmp_path / "runs.duckdb"
+    settings = settings_for(sim, db, api={"page_size": PAGE, "concurrency": 1},
+                            sync={"max_walk_passes": 1})
+    start = sim.run_ids()
+
+    def delete_ahead(sim, page, size, n):  # deep in the walk: pages 15 and 25 skip a run
+        if n in (15, 25):
+            sim.delete(1, where="newest")  # seen on page 1
+
+    sim.on_list_request(delete_ahead)
+    first = cli.run_sync(settings, quiet=True)
+    sim.on_list_request(None)
+    missed = (start & sim.run_ids()) - read_warehouse(db).live
+    assert first.verified is False or not missed  # a verified walk misses nothing
+
+    second = cli.run_sync(settings, quiet=True)
+
+    # Incremental walks only re-read the head: history a walk may have missed needs a full one.
+    assert second.mode == "full" if not first.verified else second.mode == "incremental"
+    assert_mirror(db, sim)
+    assert cli.run_sync(settings, quiet=True).mode == "incremental"
 
 
 # --- full refresh: deletes and undeletes ------------------------------------------------------
@@ -168,7 +196,8 @@ def test_mass_delete_breaker_refuses_then_applies_with_allow_mass_delete(make_si
 
 @pytest.mark.parametrize("passes", [1, 3])
 def test_deletes_are_applied_only_after_a_verified_complete_walk(make_sim, tmp_path, passes):
-    sim = make_sim(1000, seed=14)
+    # Served in a fixed random order: no shortcut can tell which runs a walk skipped.
+    sim = make_sim(1000, seed=14, order="random")
     db = tmp_path / "runs.duckdb"
     settings = settings_for(sim, db, api={"page_size": PAGE, "concurrency": 1},
                             sync={"max_walk_passes": passes})
@@ -178,9 +207,9 @@ def test_deletes_are_applied_only_after_a_verified_complete_walk(make_sim, tmp_p
     deleted: list[str] = []
 
     def delete_ahead(sim, page, size, n):
-        # Deleting the newest run shifts every later page: the walk skips one run per page.
+        # Deleting the run served first shifts every later page: one run per page is skipped.
         if base + 2 <= n <= base + 11:
-            deleted.extend(sim.delete(1, where="newest"))
+            deleted.extend(sim.delete(ids=[next(iter(sim.snapshot()))]))
 
     sim.on_list_request(delete_ahead)
     result = cli.run_sync(settings, quiet=True, full_refresh=True)

@@ -11,16 +11,15 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import duckdb
 import pytest
+from fakeapi import make_run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from runs_etl import warehouse
-from runs_etl.errors import WarehouseError
+from runs_etl.errors import ConfigError, WarehouseError
 from runs_etl.load import RUN_COLUMNS, WORKFLOW_COLUMNS, MergeCounts, Stage
 from runs_etl.models import parse_page
 from runs_etl.normalize import normalize
-
-from fakeapi import make_run
 
 PROPERTY = settings(max_examples=15, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -129,8 +128,8 @@ def test_connect_creates_the_folder_and_uses_utc(tmp_path):
         c.close()
 
 
-def test_bad_memory_limit_is_a_warehouse_error(tmp_path):
-    with pytest.raises(WarehouseError, match="memory_limit"):
+def test_bad_memory_limit_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="memory_limit"):
         warehouse.connect(tmp_path / "w.duckdb", memory_limit="lots")
 
 

@@ -170,7 +170,7 @@ def test_the_api_key_never_reaches_logs_output_ledger_or_errors(make_sim, env, c
     assert cli.main(["sync", "-v", "--config", str(config)]) == 3
     assert cli.main(["sync", "-v", "--log-format", "json", "--config", str(config)]) == 3
     out, err = capfd.readouterr()
-    assert "sync 1 success" in out and "API key" in err  # the runs did happen
+    assert "sync 1 success" in err and "API key" in err  # the runs did happen
     _assert_no_key(out, "stdout")
     _assert_no_key(err, "stderr (logs and Error: lines)")
 

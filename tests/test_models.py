@@ -6,10 +6,9 @@ import json
 from datetime import UTC, datetime
 
 import pytest
+from fakeapi import make_run, make_runs
 
 from runs_etl.models import EnvelopeError, Run, parse_page, parse_run
-
-from fakeapi import make_run, make_runs
 
 
 def body(items, **envelope) -> bytes:

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 import duckdb
 import pyarrow as pa
 import pytest
+from fakeapi import make_run, make_runs
 
 from runs_etl import warehouse
 from runs_etl.models import Run, parse_page
@@ -20,8 +21,6 @@ from runs_etl.normalize import (
     runs_table,
     workflows_table,
 )
-
-from fakeapi import make_run, make_runs
 
 TRICKY = {
     "text": "日本語 ✓ émoji 😀 \"quoted\" back\\slash \n newline \u0000 nul",

@@ -6,8 +6,8 @@ import os
 import re
 import shutil
 import subprocess
-from html.parser import HTMLParser
 from datetime import UTC, timedelta
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest

@@ -7,14 +7,13 @@ import json
 import duckdb
 import httpx
 import pytest
+from fakeapi import API_KEY, BASE_URL, FakeApi, Sleeps, make_run, make_runs
 
 from runs_etl import ledger, warehouse
 from runs_etl.client import ApiClient
 from runs_etl.config import load_settings
 from runs_etl.errors import AuthError, ConfigError, DataError, RetryableApiError
 from runs_etl.sync import sync
-
-from fakeapi import API_KEY, BASE_URL, FakeApi, Sleeps, make_run, make_runs
 
 
 def settings_for(tmp_path, **sections):

@@ -19,15 +19,14 @@ from pathlib import Path
 
 from . import __version__, warehouse
 from .config import Settings, load_settings
-from .errors import EXIT_OK, RunsEtlError
-from .feedback import log_failure, make_progress, setup_logging, summary_line
+from .errors import EXIT_INTERRUPTED, EXIT_OK, RunsEtlError
+from .feedback import log_failure, make_progress, setup_logging
 from .lock import writer_lock
 from .sync import SyncResult, sync
 
 DEMO_RUNS = 20_000
 DEMO_DIR = Path("demo")
 # 128 + SIGINT, what shells report for Ctrl-C; SIGTERM ends a command the same way.
-EXIT_INTERRUPTED = 130
 
 log = logging.getLogger("runs_etl.cli")
 
@@ -156,13 +155,12 @@ def cmd_sync(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     setup_logging(settings.logging.format, settings.logging.level)
     try:
-        result = run_sync(settings, quiet=args.quiet, full_refresh=args.full_refresh,
-                          allow_mass_delete=args.allow_mass_delete)
+        run_sync(settings, quiet=args.quiet, full_refresh=args.full_refresh,
+                 allow_mass_delete=args.allow_mass_delete)
     except RunsEtlError as e:
         log_failure(log, "sync", e)  # the log line carries request id, status, exit code
         raise
-    if not args.quiet:
-        print(summary_line(result))
+    # sync() has logged the summary line; stdout stays empty for cron.
     return EXIT_OK
 
 

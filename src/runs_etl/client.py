@@ -137,14 +137,14 @@ class ApiClient:
         await self.http.aclose()
 
     def backoff(self, attempt: int, retry_after: float | None) -> float:
-        """Wait before attempt ``attempt + 1``: the server's Retry-After, else full-jitter backoff."""
+        """Wait before attempt ``attempt + 1``: Retry-After if sent, else jittered backoff."""
         if retry_after is not None:
             return min(retry_after, MAX_RETRY_AFTER)
         ceiling = min(self.backoff_max, self.backoff_base * 2 ** (attempt - 1))
         return ceiling * (0.5 + 0.5 * self.jitter())
 
     async def fetch_page(self, number: int) -> FetchedPage:
-        """One page, retried until it is a valid envelope; records that fail are rejected, not fatal."""
+        """One page, retried until it is a valid envelope; bad records are rejected, not fatal."""
         params = {"page": number, "size": self.page_size}
         body, request_id, seq = await self._get(RUNS_PATH, params, page=number, parse=parse_page)
         self.stats.list_requests += 1

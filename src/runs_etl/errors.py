@@ -20,6 +20,7 @@ EXIT_CONFIG = 2
 EXIT_AUTH = 3
 # 75 is EX_TEMPFAIL in sysexits.h: cron wrappers and systemd treat it as "try again later".
 EXIT_LOCKED = 75
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 
 
 class RunsEtlError(Exception):

@@ -1,8 +1,10 @@
 """Extract: decide how much of the source to read, read it, and say what it proves.
 
 Modes (recorded in the ledger):
-- **full**: first sync, ``--full-refresh``, or periodic reconciliation (``full_refresh_every``):
-  a complete walk (see ``walk.py``). Only a *verified* full walk may mark runs deleted.
+- **full**: first sync, ``--full-refresh``, periodic reconciliation (``full_refresh_every``), or
+  no full walk verified yet (an unverified one may have skipped old runs, which incremental walks
+  never revisit): a complete walk (see ``walk.py``). Only a *verified* full walk may mark runs
+  deleted.
 - **incremental**: the source was last seen newest-first. Walk from page 1 and stop at the first
   page whose runs are all older than ``high-watermark - lookback``, already in the warehouse and
   terminal there. Open runs the walk did not reach are refreshed one by one (``GET
@@ -67,6 +69,8 @@ def plan_sync(con, settings: Settings, *, full_refresh: bool, now: datetime | No
         last_full = ledger.get_state(con, STATE_LAST_FULL)
         if last_full is None or now - datetime.fromisoformat(last_full) >= every:
             return Plan("full", f"periodic reconciliation (full_refresh_every={every})")
+    if ledger.get_state(con, STATE_LAST_FULL) is None:
+        return Plan("full", "no full walk verified yet: earlier walks may have missed runs")
     order = ledger.get_state(con, STATE_ORDER)
     if order != NEWEST_FIRST:
         return Plan("fallback", "source order not verified newest-first"

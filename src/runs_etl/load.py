@@ -12,6 +12,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import pyarrow as pa
@@ -91,21 +92,25 @@ class Stage:
             tables["rejected"] = rejected
         self._write(tables)
 
-    def distinct_between(self, lo: int, hi: int) -> int:
-        """Distinct runs among the sightings with arrival seq in [lo, hi] (one walk pass)."""
-        return self.con.execute("SELECT count(DISTINCT id) FROM stage_runs "
-                                "WHERE _seq BETWEEN ? AND ?", [lo, hi]).fetchall()[0][0]
+    def distinct_between(self, lo: int, hi: int, not_newer_than: datetime | None = None) -> int:
+        """Distinct runs among the sightings with arrival seq in [lo, hi] (one walk pass),
+        optionally only those created at or before ``not_newer_than``."""
+        return self.con.execute(
+            "SELECT count(DISTINCT id) FROM stage_runs WHERE _seq BETWEEN ? AND ? "
+            "AND (?::TIMESTAMPTZ IS NULL OR created_at <= ?::TIMESTAMPTZ)",
+            [lo, hi, not_newer_than, not_newer_than]).fetchall()[0][0]
 
-    def old_discoveries(self, lo: int, hi: int) -> int:
-        """Runs first sighted in [lo, hi] that are not newer than the newest run sighted
-        before ``lo``: runs an earlier pass skipped (not runs created during the sync)."""
+    def old_discoveries(self, lo: int, hi: int, newest_before: datetime | None = None) -> int:
+        """Runs first sighted in [lo, hi] that are not newer than ``newest_before`` (default:
+        the newest run sighted before ``lo``): runs an earlier pass skipped, as opposed to runs
+        created while the sync was walking."""
         return self.con.execute("""
             WITH before AS (SELECT id, created_at FROM stage_runs WHERE _seq < $lo)
             SELECT count(DISTINCT id) FROM stage_runs
             WHERE _seq BETWEEN $lo AND $hi
-              AND created_at <= (SELECT max(created_at) FROM before)
+              AND created_at <= coalesce($newest, (SELECT max(created_at) FROM before))
               AND id NOT IN (SELECT id FROM before)""",
-                                {"lo": lo, "hi": hi}).fetchall()[0][0]
+                                {"lo": lo, "hi": hi, "newest": newest_before}).fetchall()[0][0]
 
     def merge(self) -> MergeCounts:
         """Upsert the freshest staged snapshot of every run and workflow."""

@@ -23,14 +23,13 @@ from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from .config import ScheduleSettings, Settings
-from .errors import EXIT_OK, ConfigError, LockedError, RunsEtlError
+from .errors import EXIT_INTERRUPTED, EXIT_OK, ConfigError, LockedError, RunsEtlError
 from .feedback import log_failure
 
 log = logging.getLogger("runs_etl.scheduler")
 
 JOB_ID = "sync"
 # 128 + SIGINT: what a shell reports for Ctrl-C; used when a second signal aborts a running sync.
-EXIT_INTERRUPTED = 130
 CRON_MACROS = {"@hourly": "0 * * * *", "@daily": "0 0 * * *", "@midnight": "0 0 * * *",
                "@weekly": "0 0 * * 0", "@monthly": "0 0 1 * *", "@yearly": "0 0 1 1 *",
                "@annually": "0 0 1 1 *"}

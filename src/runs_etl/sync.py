@@ -12,9 +12,9 @@ import asyncio
 import gc
 import logging
 import time
-from datetime import UTC, datetime
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 
 import httpx
 import pyarrow as pa
@@ -23,8 +23,6 @@ from . import ledger, warehouse
 from .client import ApiClient, FetchedPage
 from .config import Settings
 from .errors import DataError
-from .load import REJECTED_SCHEMA, Stage
-from .normalize import normalize
 from .extract import (
     NEWEST_FIRST,
     STATE_LAST_FULL,
@@ -34,6 +32,9 @@ from .extract import (
     extract,
     plan_sync,
 )
+from .feedback import summary_line
+from .load import REJECTED_SCHEMA, Stage
+from .normalize import normalize
 from .walk import NullProgress, PassStats, Progress
 
 log = logging.getLogger("runs_etl.sync")
@@ -147,11 +148,18 @@ class StagingSink:
         self.stage.add(normalize(runs, seqs), rejected_table)
         self.seconds += time.perf_counter() - t0
 
-    async def pass_stats(self, first_seq: int, last_seq: int) -> PassStats:
-        return await asyncio.to_thread(self._pass_stats, first_seq, last_seq)
+    async def pass_stats(self, first_seq: int, last_seq: int,
+                         newest_before: datetime | None = None,
+                         head: datetime | None = None) -> PassStats:
+        return await asyncio.to_thread(self._pass_stats, first_seq, last_seq, newest_before,
+                                       head)
 
-    def _pass_stats(self, lo: int, hi: int) -> PassStats:
-        return PassStats(self.stage.distinct_between(lo, hi), self.stage.old_discoveries(lo, hi))
+    def _pass_stats(self, lo: int, hi: int, newest_before: datetime | None,
+                    head: datetime | None) -> PassStats:
+        return PassStats(self.stage.distinct_between(lo, hi),
+                         self.stage.old_discoveries(lo, hi, newest_before),
+                         self.stage.distinct_between(lo, hi, not_newer_than=head)
+                         if head is not None else 0)
 
 
 async def _extract(settings: Settings, plan: Plan, sink: StagingSink, reader, result: SyncResult,
@@ -215,7 +223,8 @@ def sync(settings: Settings, con, *, transport: httpx.AsyncBaseTransport | None 
     except BaseException as exc:
         con.rollback()
         result.outcome = "failed"
-        result.error = str(exc) or type(exc).__name__
+        result.error = (str(exc) or type(exc).__name__) if not isinstance(
+            exc, KeyboardInterrupt) else "interrupted (Ctrl-C or SIGTERM); nothing was committed"
         result.seconds_total = time.perf_counter() - t_start
         ledger.close_attempt(con, result.sync_id, "failed", result.ledger_fields())
         raise
@@ -223,12 +232,7 @@ def sync(settings: Settings, con, *, transport: httpx.AsyncBaseTransport | None 
         reader.close()
         if stage is not None:
             stage.close()
-    log.info("sync %s %s: mode=%s verified=%s pages=%s requests=%s retries=%s new=%s updated=%s "
-             "unchanged=%s deleted=%s rejected=%s extract=%.2fs load=%.2fs total=%.2fs",
-             result.sync_id, result.outcome, result.mode, result.verified, result.pages,
-             result.requests, result.retries, result.rows_new, result.rows_updated,
-             result.rows_unchanged, result.rows_deleted, result.rows_rejected,
-             result.seconds_extract, result.seconds_load, result.seconds_total,
+    log.info("%s", summary_line(result),
              extra={"event": "sync_finished", "sync_id": result.sync_id,
                     "outcome": result.outcome, "sync": result.ledger_fields()})
     return result

@@ -1,27 +1,32 @@
 """Walking every page of a live, unordered source and knowing whether the walk was complete.
 
-Offset paging over data that changes underneath shifts records between pages: an insert ahead
-of a page repeats a run on the next page (harmless, runs are deduplicated by id, the freshest
-snapshot wins), a delete ahead of a page skips one (dangerous). The algorithm:
+Offset paging over data that changes underneath shifts runs across page boundaries. An insert
+ahead of a page repeats a run on the next page read (harmless: runs are deduplicated by id, the
+freshest snapshot wins). A delete ahead of a page skips one. And under concurrency pages are
+served in any order, so even inserts can push a run past a boundary that was already read. The
+algorithm:
 
 1. **Pass 1** fetches page 1, then pages 2..N with ``concurrency`` workers, then keeps going past
    N until a short or empty page (the source may have grown). Every response carries ``total``.
-2. The pass is **clean** when every response reported the same ``total``, no run appeared twice,
-   and the distinct runs (+ rejected records) equal that total. Nothing moved: the walk is a
-   snapshot, hence complete.
-3. Otherwise the source moved, and another **pass** walks it again. A pass *converges* when it
-   discovers no run that earlier passes missed and that is older than the newest run they saw
-   (newer ones were created during the sync, not skipped), and its own totals never went down
-   in arrival order (no sign of a delete, the only thing that makes offset paging skip a run,
-   while it walked). A clean or converged pass makes the walk **verified**; after
-   ``max_passes`` it is recorded as unverified, and no delete is applied from it.
-4. A run can only be skipped by every pass if deletes ahead of it happened in each pass and were
-   exactly hidden by inserts at the same moments. Deletes therefore never rest on the walk
-   alone: each candidate is confirmed with ``GET /v1/runs/{id}`` (404) before it is marked.
+2. **Clean**: every response reported the same ``total``, no run appeared twice, and the
+   distinct runs (+ rejected records) equal that total. Nothing moved: the pass is a snapshot.
+3. **Counted** (newest-first sources, the order being verified page by page): page 1's response
+   carries both the total T and the newest run H at the instant the pass began. Runs created
+   later are newer than H; so if the pass saw T distinct runs not newer than H, it saw *every*
+   run that existed when it began, whatever moved meanwhile. Page 1 is then read again (and on,
+   while needed) so runs created during the pass land too.
+4. Otherwise another **pass** walks the source again. On a newest-first source re-walks go one
+   page at a time: a sequential walk can then only miss a run through a delete, and check 3 is
+   made afresh against that pass's own T and H. Elsewhere (unordered or null-total servers) a
+   pass *converges* when it discovers no run that earlier passes missed and that is older than
+   the newest run they saw (newer ones were created during the sync), and its totals never went
+   down in arrival order (no sign of a delete while it walked).
+5. A clean, counted or converged pass makes the walk **verified**; after ``max_passes`` it is
+   recorded as unverified and no delete is applied from it. Even after a verified walk, deletes
+   never rest on the walk alone: each candidate is confirmed with ``GET /v1/runs/{id}`` (404).
 
-With null ``total`` a pass ends at the first short page and can never be clean, so such servers
-always get a confirming second pass. The bookkeeping (distinct ids, discoveries) is done in
-DuckDB by the sink, so memory stays flat however many runs there are.
+The bookkeeping (distinct ids per pass, discoveries) is done in DuckDB over the staged batches,
+so memory stays flat however many runs there are.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Protocol
 
 from .client import ApiClient, FetchedPage
@@ -40,12 +46,15 @@ from .models import utc
 class PassStats:
     distinct: int  # distinct run ids in the pass
     old_discoveries: int  # runs earlier passes missed that are not newer than what they saw
+    present_at_start: int = 0  # distinct runs of the pass not newer than ``head``
 
 
 class PageSink(Protocol):
     async def put(self, page: FetchedPage) -> None: ...
     async def flush(self) -> None: ...
-    async def pass_stats(self, first_seq: int, last_seq: int) -> PassStats: ...
+    async def pass_stats(self, first_seq: int, last_seq: int,
+                         newest_before: datetime | None = None,
+                         head: datetime | None = None) -> PassStats: ...
 
 
 class Progress(Protocol):
@@ -101,7 +110,7 @@ class _Pass:
         created = [utc(r.created_at) for r in page.parsed.runs]
         if created:
             self.sorted_within &= all(a >= b for a, b in zip(created, created[1:]))
-            self.bounds[page.number] = (created[0], created[-1], page.parsed.total)
+            self.bounds.setdefault(page.number, (created[0], created[-1], page.parsed.total))
 
     def constant_total(self) -> int | None:
         """The total every response of the pass reported, if they all agree."""
@@ -199,22 +208,41 @@ async def full_walk(client: ApiClient, sink: PageSink, *, workers: int, max_page
     """Walk every page until a pass is clean or converges (see module docstring)."""
     progress = progress or NullProgress()
     report = WalkReport()
+    newest_before = None  # the newest run when the previous pass began, if the order tells it
     for number in range(1, max_passes + 1):
         first = await client.fetch_page(1)
         if report.total_start is None:
             report.total_start = first.parsed.total
         progress.start_pass(number, first.parsed.pages)
         state = _Pass()
-        await walk_pages(client, sink, first, workers=workers, max_pages=max_pages,
+        # Re-walks of a newest-first source go one page at a time: a sequential walk of such
+        # a source can only skip a run through a delete (pages served out of order under
+        # concurrency let runs created in between slip past a page boundary).
+        pass_workers = 1 if number > 1 and report.newest_first else workers
+        await walk_pages(client, sink, first, workers=pass_workers, max_pages=max_pages,
                          progress=progress, state=state)
         await sink.flush()
         _account(report, state, number)
-        stats = await sink.pass_stats(state.first_seq, state.last_seq)
+        # On a newest-first source page 1 shows the newest run as the pass begins, in the same
+        # response as the total: runs not newer than it are the ones that total counts.
+        head = state.bounds[1][0] if state.newest_first() and 1 in state.bounds else None
+        stats = await sink.pass_stats(state.first_seq, state.last_seq, newest_before, head)
+        # On a newest-first source page 1 shows the newest run as a pass begins: anything
+        # newer that a later pass discovers was created during the sync, not skipped.
+        newest_before = state.bounds[1][0] if report.newest_first and 1 in state.bounds \
+            else None
         total = state.constant_total()
         if total is not None and state.rows == stats.distinct \
                 and stats.distinct + state.rejected == total:
             report.verified = True
             report.reason = "clean walk" if number == 1 else f"clean walk on pass {number}"
+            return report
+        start_total = first.parsed.total
+        if head is not None and start_total is not None \
+                and stats.present_at_start + state.rejected >= start_total:
+            report.verified = True
+            report.reason = f"all {start_total} runs present when pass {number} began were seen"
+            report.pages += await _catch_up_head(client, sink, head, max_pages, progress)
             return report
         if number > 1 and stats.old_discoveries == 0 and state.never_shrank():
             report.verified = True
@@ -222,6 +250,22 @@ async def full_walk(client: ApiClient, sink: PageSink, *, workers: int, max_page
             return report
     report.reason = f"source kept moving: not verified after {max_passes} passes"
     return report
+
+
+async def _catch_up_head(client: ApiClient, sink: PageSink, head: datetime, max_pages: int,
+                         progress: Progress) -> int:
+    """Runs created while a newest-first pass walked sit above its page 1: read from page 1
+    again until a page reaches back to ``head``, so they land in this sync too."""
+    for number in range(1, max_pages + 1):
+        page = await client.fetch_page(number)
+        progress.advance(1, page.count)
+        await sink.put(page)
+        runs = page.parsed.runs
+        if page.count < client.page_size or not runs or utc(runs[-1].created_at) <= head:
+            await sink.flush()
+            return number
+    raise WalkError(f"runs are created faster than they can be read ({max_pages} pages)",
+                    page=max_pages)
 
 
 def _account(report: WalkReport, state: _Pass, number: int) -> None:

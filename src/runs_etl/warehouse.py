@@ -7,12 +7,11 @@ instant leaves the previous good commit.
 from __future__ import annotations
 
 import importlib.resources
-from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
 
-from .errors import LockedError, WarehouseError
+from .errors import ConfigError, LockedError, WarehouseError
 
 MIGRATIONS: list[tuple[int, str, str]] = [
     (1, "core tables", """
@@ -67,7 +66,8 @@ def connect(path: Path, *, memory_limit: str = "256MB", read_only: bool = False)
         con.execute("SET TimeZone = 'UTC'")  # analysts see UTC, whatever the host's zone
     except duckdb.Error as e:
         con.close()
-        raise WarehouseError(f"invalid warehouse.memory_limit {memory_limit!r}: {_first_line(e)}")
+        raise ConfigError([f"warehouse.memory_limit: {memory_limit!r} is not a DuckDB memory "
+                           f"size ({_first_line(e)})"]) from None
     return con
 
 
