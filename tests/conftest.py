@@ -2,12 +2,42 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
+from mirror import Gate
 
+from runs_etl import cli
 from runs_etl.config import Settings, load_settings
+
+# Loggers that ``runs_etl.feedback.setup_logging`` configures for a process.
+LOGGERS = ("runs_etl", "apscheduler", "filelock", "httpx", "httpcore", "asyncio")
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """``main()`` configures logging for a process; give every test a clean slate and put
+    things back afterwards, so records reach ``caplog`` / ``capsys`` of the next test."""
+    root = logging.getLogger()
+    saved = {n: (lg.handlers[:], lg.level, lg.propagate)
+             for n in LOGGERS for lg in [logging.getLogger(n)]}
+    saved_root = (root.handlers[:], root.level)
+    for n in LOGGERS:
+        lg = logging.getLogger(n)
+        lg.handlers[:], lg.propagate = [], True
+        lg.setLevel(logging.NOTSET)
+    yield
+    for n, (handlers, level, propagate) in saved.items():
+        lg = logging.getLogger(n)
+        lg.handlers[:], lg.propagate = handlers, propagate
+        lg.setLevel(level)
+    root.handlers[:] = saved_root[0]
+    root.setLevel(saved_root[1])
 
 
 @pytest.fixture
@@ -50,3 +80,103 @@ def settings_for(sim, db: Path, **sections) -> Settings:
     env = {"RUNS_ETL_API_URL": sim.base_url, "RUNS_ETL_API_KEY": sim.api_key,
            "RUNS_ETL_DUCKDB_PATH": str(db)}
     return load_settings(None, env, sections, cwd=db.parent)
+
+
+@pytest.fixture
+def run_cli(monkeypatch, tmp_path, capsys, sim_env):
+    """``run_cli(sim, *args, **env)`` -> (exit code, stdout, stderr) of ``runs-etl`` in process,
+    with ``sim_env``'s environment (warehouse: tmp_path / runs.duckdb; ``sim`` may be None)."""
+    monkeypatch.chdir(tmp_path)  # no stray ./runs-etl.toml
+
+    def run(sim, *args: str, **env: str):
+        for k in [k for k in os.environ if k.startswith("RUNS_ETL_")]:
+            monkeypatch.delenv(k)
+        base = sim_env(sim) if sim is not None else {
+            "RUNS_ETL_DUCKDB_PATH": str(tmp_path / "runs.duckdb")}
+        for k, v in {**base, **env}.items():
+            if k.startswith("RUNS_ETL_"):
+                monkeypatch.setenv(k, v)
+        capsys.readouterr()
+        code = cli.main(list(args))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+class Proc:
+    """A child process whose output lines are collected as they come."""
+
+    def __init__(self, args: list[str], env: dict | None, cwd: Path):
+        self.popen = subprocess.Popen(args, env=env, cwd=cwd, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True)
+        self.pid = self.popen.pid
+        self.lines: list[str] = []
+        self._seen = threading.Condition()
+        self._readers = [threading.Thread(target=self._read, args=(s,), daemon=True)
+                         for s in (self.popen.stdout, self.popen.stderr)]
+        for t in self._readers:
+            t.start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            with self._seen:
+                self.lines.append(line.rstrip("\n"))
+                self._seen.notify_all()
+
+    @property
+    def output(self) -> str:
+        with self._seen:
+            return "\n".join(self.lines)
+
+    def wait_for(self, text: str, timeout: float = 30) -> None:
+        with self._seen:
+            ok = self._seen.wait_for(
+                lambda: any(text in line for line in self.lines) or self.popen.poll() is not None,
+                timeout)
+            if not any(text in line for line in self.lines):
+                raise AssertionError(f"{text!r} never appeared (ok={ok}); output:\n{self.output}")
+
+    def finish(self, timeout: float = 60) -> int:
+        rc = self.popen.wait(timeout)
+        for t in self._readers:
+            t.join(5)
+        return rc
+
+
+@pytest.fixture
+def procs(tmp_path):
+    """Start child processes (``procs.cli(args, env)``, ``procs.python(code)``); all are killed
+    at teardown, whatever the test did."""
+    started: list[Proc] = []
+
+    class Starter:
+        @staticmethod
+        def cli(args: list[str], env: dict) -> Proc:
+            started.append(Proc([sys.executable, "-m", "runs_etl", *args], env, tmp_path))
+            return started[-1]
+
+        @staticmethod
+        def python(code: str) -> Proc:
+            started.append(Proc([sys.executable, "-c", code], None, tmp_path))
+            return started[-1]
+
+    yield Starter
+    for p in started:
+        if p.popen.poll() is None:
+            p.popen.kill()
+        p.finish(10)
+
+
+@pytest.fixture
+def gate(make_sim):
+    """``gate(sim)`` holds the sim's next list request until ``.open()``: a sync stays in flight."""
+    gates = []
+
+    def factory(sim) -> Gate:
+        gates.append(Gate(sim, sim.list_request_count + 1))
+        return gates[-1]
+
+    yield factory
+    for g in gates:  # before the simulator stops, or its server waits on the held request
+        g.open()

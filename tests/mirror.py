@@ -7,8 +7,6 @@ in API shape) field by field; the rest reads the warehouse, runs the CLI and hol
 from __future__ import annotations
 
 import json
-import logging
-import os
 import subprocess
 import sys
 import threading
@@ -21,9 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
-import pytest
-
-from runs_etl import cli
 
 TERMINAL = frozenset({"completed", "failed", "stopped"})
 # Fields the runs table stores in columns of the same name; anything else belongs in ``extra``.
@@ -36,7 +31,6 @@ _RUN_TS = ("created_at", "finished_at")
 _RUN_JSON = ("input", "definitions", "extra")
 _WF_TS = ("last_updated_at", "last_run_at", "created_at", "deleted_at")
 DATA_TABLES = ("runs", "workflows", "run_nodes", "rejected_records", "sync_state")
-LOGGERS = ("runs_etl", "apscheduler", "filelock", "httpx", "httpcore")
 
 
 # --- reading the warehouse ------------------------------------------------------------------
@@ -248,38 +242,6 @@ def oldest_open(snapshot: Mapping[str, Mapping], k: int) -> list[str]:
 
 # --- running the product --------------------------------------------------------------------
 
-@pytest.fixture(autouse=True)
-def restore_logging():
-    """``cli.main`` configures logging for a process; give the next test a clean slate."""
-    saved = {n: (lg.handlers[:], lg.level, lg.propagate)
-             for n in LOGGERS for lg in [logging.getLogger(n)]}
-    yield
-    for n, (handlers, level, propagate) in saved.items():
-        lg = logging.getLogger(n)
-        lg.handlers[:], lg.propagate = handlers, propagate
-        lg.setLevel(level)
-
-
-@pytest.fixture
-def run_cli(monkeypatch, tmp_path, capsys, sim_env):
-    """``run_cli(sim, *args, **env)`` -> (exit code, stdout, stderr) of ``runs-etl`` in process,
-    with the environment ``sim_env`` gives (warehouse: tmp_path / runs.duckdb)."""
-    monkeypatch.chdir(tmp_path)  # no stray ./runs-etl.toml
-
-    def run(sim, *args: str, **env: str):
-        for k in [k for k in os.environ if k.startswith("RUNS_ETL_")]:
-            monkeypatch.delenv(k)
-        for k, v in sim_env(sim, **env).items():
-            if k.startswith("RUNS_ETL_"):
-                monkeypatch.setenv(k, v)
-        capsys.readouterr()
-        code = cli.main(list(args))
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
-
-
 def error_line(err: str) -> str:
     """The one ``Error:`` line a failed command prints (and no traceback)."""
     assert "Traceback" not in err, err
@@ -300,6 +262,9 @@ class Gate:
         if n == self.nth:
             self.entered.set()
             self.released.wait(60)
+
+    def wait_entered(self) -> None:
+        assert self.entered.wait(30), "the sync never reached the simulator"
 
     def open(self) -> None:
         self.released.set()

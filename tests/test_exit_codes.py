@@ -11,31 +11,11 @@ import pytest
 from conftest import settings_for
 
 # Subprocess and simulator helpers live with the lock tests; importing the fixtures enables them.
-from test_lock import _restore_logging, gate, ledger, procs  # noqa: F401 (fixtures)
+from mirror import ledger
 
 from runs_etl import cli, errors
 from runs_etl.lock import writer_lock
 from runs_etl.sim import Faults
-
-
-@pytest.fixture
-def run_cli(monkeypatch, tmp_path, capsys):
-    """``run_cli(sim, *args, **env)`` -> (exit code, stdout, stderr) of ``runs-etl`` in process."""
-    monkeypatch.chdir(tmp_path)  # no stray ./runs-etl.toml
-
-    def run(sim, *args: str, **env: str):
-        for k in [k for k in os.environ if k.startswith("RUNS_ETL_")]:
-            monkeypatch.delenv(k)
-        base = {"RUNS_ETL_DUCKDB_PATH": str(tmp_path / "runs.duckdb")}
-        if sim is not None:
-            base.update(RUNS_ETL_API_URL=sim.base_url, RUNS_ETL_API_KEY=sim.api_key)
-        for k, v in {**base, **env}.items():
-            monkeypatch.setenv(k, v)
-        code = cli.main(list(args))
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
 
 
 def one_error_line(err: str) -> str:
@@ -71,7 +51,7 @@ def test_an_api_that_keeps_failing_exits_1_with_the_request_id(make_sim, run_cli
     assert code == 1
     line = one_error_line(err)
     assert "giving up" in line and "request id sim-" in line
-    assert [o for _, o, _ in ledger(tmp_path / "runs.duckdb")] == ["failed"]
+    assert [r["outcome"] for r in ledger(tmp_path / "runs.duckdb")] == ["failed"]
 
 
 @pytest.mark.parametrize("env, problem", [
@@ -132,4 +112,4 @@ def test_sigterm_during_a_sync_exits_130_and_keeps_the_previous_commit(
     finally:
         con.close()
     assert ids == before  # the previous commit, nothing of the interrupted one
-    assert [o for _, o, _ in ledger(db)] == ["success", "failed"]
+    assert [r["outcome"] for r in ledger(db)] == ["success", "failed"]

@@ -3,143 +3,17 @@ and nothing left behind by a killed process blocks the next run."""
 
 from __future__ import annotations
 
-import logging
 import os
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
-import duckdb
 import pytest
 from conftest import settings_for
+from mirror import ledger
 
 from runs_etl import cli
 from runs_etl.errors import EXIT_LOCKED, LockedError, WarehouseError
 from runs_etl.lock import holder_path, lock_path, read_holder, writer_lock
-
-LOGGERS = ("runs_etl", "apscheduler", "filelock", "httpx", "httpcore")
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """``main()`` configures logging for a process; give the next test a clean slate."""
-    saved = {n: (lg.handlers[:], lg.level, lg.propagate)
-             for n in LOGGERS for lg in [logging.getLogger(n)]}
-    for n in LOGGERS:  # start clean, whatever an earlier test configured
-        lg = logging.getLogger(n)
-        lg.handlers[:], lg.propagate = [], True
-        lg.setLevel(logging.NOTSET)
-    yield
-    for n, (handlers, level, propagate) in saved.items():
-        lg = logging.getLogger(n)
-        lg.handlers[:], lg.propagate = handlers, propagate
-        lg.setLevel(level)
-
-
-class Proc:
-    """A child process whose output lines are collected as they come."""
-
-    def __init__(self, args: list[str], env: dict | None, cwd: Path):
-        self.popen = subprocess.Popen(args, env=env, cwd=cwd, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True)
-        self.pid = self.popen.pid
-        self.lines: list[str] = []
-        self._seen = threading.Condition()
-        self._readers = [threading.Thread(target=self._read, args=(s,), daemon=True)
-                         for s in (self.popen.stdout, self.popen.stderr)]
-        for t in self._readers:
-            t.start()
-
-    def _read(self, stream) -> None:
-        for line in stream:
-            with self._seen:
-                self.lines.append(line.rstrip("\n"))
-                self._seen.notify_all()
-
-    @property
-    def output(self) -> str:
-        with self._seen:
-            return "\n".join(self.lines)
-
-    def wait_for(self, text: str, timeout: float = 30) -> None:
-        with self._seen:
-            ok = self._seen.wait_for(
-                lambda: any(text in line for line in self.lines) or self.popen.poll() is not None,
-                timeout)
-            if not any(text in line for line in self.lines):
-                raise AssertionError(f"{text!r} never appeared (ok={ok}); output:\n{self.output}")
-
-    def finish(self, timeout: float = 60) -> int:
-        rc = self.popen.wait(timeout)
-        for t in self._readers:
-            t.join(5)
-        return rc
-
-
-@pytest.fixture
-def procs(tmp_path):
-    """Start child processes (``procs.cli(args, env)``, ``procs.python(code)``); all are killed
-    at teardown, whatever the test did."""
-    started: list[Proc] = []
-
-    class Starter:
-        @staticmethod
-        def cli(args: list[str], env: dict) -> Proc:
-            started.append(Proc([sys.executable, "-m", "runs_etl", *args], env, tmp_path))
-            return started[-1]
-
-        @staticmethod
-        def python(code: str) -> Proc:
-            started.append(Proc([sys.executable, "-c", code], None, tmp_path))
-            return started[-1]
-
-    yield Starter
-    for p in started:
-        if p.popen.poll() is None:
-            p.popen.kill()
-        p.finish(10)
-
-
-@pytest.fixture
-def gate(make_sim):
-    """``gate(sim)`` holds the sim's next list request until ``.open()``: a sync stays in flight."""
-    gates = []
-
-    class Gate:
-        def __init__(self, sim):
-            self.entered, self.released = threading.Event(), threading.Event()
-            self.nth = sim.list_request_count + 1
-            sim.on_list_request(self._hook)
-
-        def _hook(self, sim, page, size, n):
-            if n == self.nth:
-                self.entered.set()
-                self.released.wait(60)
-
-        def wait_entered(self) -> None:
-            assert self.entered.wait(30), "the sync never reached the simulator"
-
-        def open(self) -> None:
-            self.released.set()
-
-    def factory(sim) -> Gate:
-        gates.append(Gate(sim))
-        return gates[-1]
-
-    yield factory
-    for g in gates:  # before the simulator stops, or its server waits on the held request
-        g.open()
-
-
-def ledger(db: Path) -> list[tuple]:
-    con = duckdb.connect(str(db), read_only=True)
-    try:
-        return con.execute("SELECT sync_id, outcome, error FROM sync_runs ORDER BY sync_id"
-                           ).fetchall()
-    finally:
-        con.close()
-
 
 # --- in process -----------------------------------------------------------------------------
 
@@ -240,7 +114,7 @@ def test_racing_syncs_one_runs_one_exits_75_and_one_waits_its_turn(make_sim, sim
     assert first.finish() == 0, first.output
     assert third.finish() == 0, third.output
     # the refused sync never touched the ledger; the other two both committed
-    assert [outcome for _, outcome, _ in ledger(tmp_path / "runs.duckdb")] == ["success"] * 2
+    assert [r["outcome"] for r in ledger(tmp_path / "runs.duckdb")] == ["success"] * 2
 
 
 def test_lock_left_by_a_sigkilled_process_is_recovered_at_once(procs, tmp_path):
@@ -272,7 +146,7 @@ def test_sync_after_a_sigkilled_sync_runs_and_marks_it_abandoned(make_sim, sim_e
     held.open()
     result = cli.run_sync(settings_for(sim, db), quiet=True)  # no --wait: the lock is free
     assert result.outcome == "success" and result.runs_seen == 200
-    assert [outcome for _, outcome, _ in ledger(db)] == ["abandoned", "success"]
+    assert [r["outcome"] for r in ledger(db)] == ["abandoned", "success"]
 
 
 @pytest.mark.parametrize("read_only", [False, True], ids=["read-write", "read-only"])

@@ -11,7 +11,7 @@ import traceback
 
 import duckdb
 import pytest
-from conftest import settings_for
+from conftest import LOGGERS, settings_for
 
 from runs_etl import cli
 from runs_etl.config import load_settings
@@ -19,28 +19,8 @@ from runs_etl.errors import AuthError
 from runs_etl.feedback import JsonFormatter, setup_logging
 from runs_etl.sim import Faults
 
-LOGGERS = ("runs_etl", "apscheduler", "filelock", "httpx", "httpcore", "asyncio")
 # Distinctive enough that any occurrence is a leak, not a coincidence.
 KEY = "sk-live-LEAKCHECK-7f3a9c1e5b2d"
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    root = logging.getLogger()
-    saved = {n: (lg.handlers[:], lg.level, lg.propagate)
-             for n in LOGGERS for lg in [logging.getLogger(n)]}
-    saved_root = (root.handlers[:], root.level)
-    for n in LOGGERS:  # start clean, whatever an earlier test configured
-        lg = logging.getLogger(n)
-        lg.handlers[:], lg.propagate = [], True
-        lg.setLevel(logging.NOTSET)
-    yield
-    for n, (handlers, level, propagate) in saved.items():
-        lg = logging.getLogger(n)
-        lg.handlers[:], lg.propagate = handlers, propagate
-        lg.setLevel(level)
-    root.handlers[:] = saved_root[0]
-    root.setLevel(saved_root[1])
 
 
 @pytest.fixture

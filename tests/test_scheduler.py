@@ -16,7 +16,7 @@ import pytest
 from conftest import settings_for
 
 # Subprocess and simulator helpers live with the lock tests; importing the fixtures enables them.
-from test_lock import _restore_logging, gate, ledger, procs  # noqa: F401 (fixtures)
+from mirror import ledger
 
 from runs_etl import cli
 from runs_etl.config import ScheduleSettings, load_settings
@@ -121,7 +121,7 @@ def test_scheduler_runs_real_syncs_on_its_interval_until_stopped(make_sim, tmp_p
     finally:
         con.close()
     assert runs == len(sim.run_ids()) == 320
-    assert [o for _, o, _ in ledger(db)] == ["success", "success"]
+    assert [r["outcome"] for r in ledger(db)] == ["success", "success"]
     text = log_text()
     assert "scheduler started" in text and "first sync now" in text
     assert text.count("next sync at") >= 1 and "scheduler stopped" in text
@@ -240,7 +240,7 @@ def test_a_signal_lets_the_running_sync_commit_then_exits_0(
     daemon.wait_for("stopping after the running sync")
     held.open()
     assert daemon.finish() == 0, daemon.output
-    assert [o for _, o, _ in ledger(db)] == ["success", "success"], daemon.output
+    assert [r["outcome"] for r in ledger(db)] == ["success", "success"], daemon.output
     assert _run_ids(db) == sim.run_ids(), daemon.output  # the whole new commit
     assert "scheduler stopped" in daemon.output and "Traceback" not in daemon.output
 
@@ -257,8 +257,8 @@ def test_a_second_signal_aborts_the_running_sync_without_committing(
     held.open()
     assert _run_ids(db) == before  # the previous commit, nothing partial
     # the aborted attempt is visible in the ledger, and the next sync records it as abandoned
-    assert [o for _, o, _ in ledger(db)] == ["success", "running"]
+    assert [r["outcome"] for r in ledger(db)] == ["success", "running"]
     cli.run_sync(settings_for(sim, db), quiet=True)
-    assert [o for _, o, _ in ledger(db)] == ["success", "abandoned", "success"]
+    assert [r["outcome"] for r in ledger(db)] == ["success", "abandoned", "success"]
     assert _run_ids(db) == sim.run_ids()
 

@@ -26,8 +26,6 @@ from mirror import (
     error_line,
     ledger,
     read_warehouse,
-    restore_logging,  # noqa: F401  (autouse)
-    run_cli,  # noqa: F401  (fixture)
 )
 
 from runs_etl import cli

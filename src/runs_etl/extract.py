@@ -8,8 +8,9 @@ Modes (recorded in the ledger):
 - **incremental**: the source was last seen newest-first. Walk from page 1 and stop at the first
   page whose runs are all older than ``high-watermark - lookback``, already in the warehouse and
   terminal there. Open runs the walk did not reach are refreshed one by one (``GET
-  /v1/runs/{id}``, 404 = deleted) when that costs fewer requests than walking on; otherwise
-  the walk goes on to the end.
+  /v1/runs/{id}``, 404 = deleted) when that costs fewer requests than reading the remaining
+  pages; otherwise the sync reads everything (a full walk, verified, from page 1 again: the few
+  head pages it re-reads cost less than tracking where a moving source's pages went).
 - **fallback**: the order could not be verified (never learnt, or broken during an incremental
   walk): a full walk, with the reason in the log and the ledger.
 """
@@ -92,13 +93,15 @@ async def extract(plan: Plan, client: ApiClient, sink, reader, settings: Setting
     walk_kw = dict(workers=settings.api.concurrency, max_pages=settings.api.max_pages)
     extracted = None
     if plan.mode == "incremental":
+        assert plan.cutoff is not None
+        cutoff = plan.cutoff
         guard = asyncio.Lock()
 
         async def settled(page: FetchedPage) -> bool:
             runs = page.parsed.runs
             if page.parsed.rejected or not runs:
                 return False
-            if any(utc(r.created_at) >= plan.cutoff or not r.is_terminal for r in runs):
+            if any(utc(r.created_at) >= cutoff or not r.is_terminal for r in runs):
                 return False
             async with guard:  # one query at a time on the reader connection
                 known = await asyncio.to_thread(_count_settled, reader, [r.id for r in runs])
@@ -153,7 +156,7 @@ def _count_settled(reader, ids: list[str]) -> int:
 
 async def _refresh_open(plan: Plan, report: WalkReport, client: ApiClient, sink,
                         settings: Settings, progress: Progress) -> Extracted:
-    """Open runs the head walk did not reach: one request each, or walk on if that is cheaper."""
+    """Open runs the head walk did not reach: one request each, or a full walk if cheaper."""
     con = sink.stage.con
     open_ids = await asyncio.to_thread(lambda: [r[0] for r in con.execute(f"""
         SELECT id FROM runs WHERE _deleted_at IS NULL AND status NOT IN ({_TERMINAL_SQL})
@@ -162,13 +165,13 @@ async def _refresh_open(plan: Plan, report: WalkReport, client: ApiClient, sink,
     remaining = (math.ceil(total / client.page_size) - report.pages) if total is not None \
         else math.inf
     if len(open_ids) > min(settings.sync.max_single_refreshes, remaining):
-        log.info("%d open runs beyond the walked pages: walking on to the end", len(open_ids))
+        log.info("%d open runs beyond the walked pages: reading everything", len(open_ids))
         full = await full_walk(client, sink, max_passes=settings.sync.max_walk_passes,
                                progress=progress, workers=settings.api.concurrency,
                                max_pages=settings.api.max_pages)
         full.pages += report.pages
         return Extracted("incremental", f"{plan.reason}; {len(open_ids)} open runs unreached, "
-                         f"walked on ({full.reason})", full, True)
+                         f"read everything ({full.reason})", full, True)
     fetched = await asyncio.gather(*(client.fetch_run(i) for i in open_ids))
     runs = [r for r in fetched if r is not None]
     missing = [i for i, r in zip(open_ids, fetched) if r is None]

@@ -19,6 +19,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -105,7 +106,7 @@ class BarProgress:
             TextColumn("pages · {task.fields[rows]:,} runs · {task.fields[rate]:,.0f} runs/s"),
             TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=True,
         )
-        self.task = None
+        self.task: TaskID | None = None
         self.rows = 0
         self.t0 = time.perf_counter()
 
@@ -124,6 +125,8 @@ class BarProgress:
 
     def advance(self, pages: int, rows: int) -> None:
         self.rows += rows
+        if self.task is None:
+            return
         rate = self.rows / max(time.perf_counter() - self.t0, 1e-6)
         self.bar.update(self.task, advance=pages, rows=self.rows, rate=rate)
         total = self.bar.tasks[0].total if self.bar.tasks else None

@@ -61,8 +61,22 @@ def check_mass_delete(n: int, live: int, max_fraction: float) -> None:
             "source really lost them, run again with --allow-mass-delete")
 
 
+def staging_root(con) -> Path | None:
+    """``<database>.staging/`` beside a DuckDB file (None for an in-memory database), after
+    removing what a killed sync left there. Only called by the warehouse's single writer."""
+    (path,) = con.execute("SELECT path FROM duckdb_databases() "
+                          "WHERE database_name = current_database()").fetchall()[0]
+    if not path:
+        return None
+    root = Path(path).with_name(Path(path).name + ".staging")
+    for stale in root.glob(STAGING_PREFIX + "*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    root.mkdir(exist_ok=True)
+    return root
+
+
 class Stage:
-    """One sync's staged batches (Parquet files in a private temp folder) and their merge."""
+    """One sync's staged batches (Parquet files in a private folder) and their merge."""
 
     def __init__(self, con, sync_id: int, directory: Path | None = None):
         self.con = con

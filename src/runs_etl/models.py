@@ -17,8 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 # Bounds of the warehouse columns (INTEGER, BIGINT): a value outside is a rejected record,
 # not a crashed batch.
-INT32 = dict(ge=-(2**31), le=2**31 - 1)
-INT64 = dict(ge=-(2**63), le=2**63 - 1)
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 TERMINAL_STATUSES = frozenset({"completed", "failed", "stopped"})
 # Documented open statuses; any status not in TERMINAL_STATUSES is treated as open.
@@ -45,7 +45,7 @@ class Workflow(BaseModel):
     last_run_at: datetime | None = None
     created_at: datetime | None = None
     deleted_at: datetime | None = None
-    runs_count: int | None = Field(None, **INT64)
+    runs_count: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     author_name: str | None = None
     description: str | None = None
     saved: bool | None = None
@@ -63,7 +63,7 @@ class Run(BaseModel):
     input: Any = None
     node_ids: list[str] | dict[str, Any] | None = None
     status: str
-    progress: int | None = Field(None, **INT32)
+    progress: int | None = Field(None, ge=INT32_MIN, le=INT32_MAX)
     definitions: Any = None
     created_at: datetime
     finished_at: datetime | None = None

@@ -97,7 +97,7 @@ def build_trigger(schedule: ScheduleSettings, tz: tzinfo):
         return IntervalTrigger(seconds=schedule.interval.total_seconds(), timezone=tz,
                                jitter=jitter)
     try:
-        return cron_trigger(schedule.cron, tz, jitter)
+        return cron_trigger(schedule.cron or "", tz, jitter)
     except ValueError as e:
         raise ConfigError([f"schedule.cron: {schedule.cron!r} is not a crontab expression: {e}"]
                           ) from None

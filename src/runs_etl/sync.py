@@ -33,7 +33,7 @@ from .extract import (
     plan_sync,
 )
 from .feedback import summary_line
-from .load import REJECTED_SCHEMA, Stage
+from .load import REJECTED_SCHEMA, Stage, staging_root
 from .normalize import normalize
 from .walk import NullProgress, PassStats, Progress
 
@@ -91,26 +91,26 @@ class StagingSink:
         self._queue: asyncio.Queue | None = None
         self._consumer: asyncio.Task | None = None
 
-    def _ensure_consumer(self) -> asyncio.Queue:
-        if self._queue is None:
+    def _ensure_consumer(self) -> tuple[asyncio.Queue, asyncio.Task]:
+        if self._queue is None or self._consumer is None:
             self._queue = asyncio.Queue(maxsize=self.batch_pages)
             self._consumer = asyncio.ensure_future(self._consume(self._queue))
-        return self._queue
+        return self._queue, self._consumer
 
     async def put(self, page: FetchedPage) -> None:
-        queue = self._ensure_consumer()
-        if self._consumer.done():  # it failed: surface its error instead of queueing forever
-            self._consumer.result()
+        queue, consumer = self._ensure_consumer()
+        if consumer.done():  # it failed: surface its error instead of queueing forever
+            consumer.result()
         await queue.put(page)
 
     async def flush(self) -> None:
         """Wait until everything queued so far is staged (and raise what staging raised)."""
-        queue = self._ensure_consumer()
-        done = asyncio.get_running_loop().create_future()
+        queue, consumer = self._ensure_consumer()
+        done: asyncio.Future = asyncio.get_running_loop().create_future()
         await queue.put(done)
-        await asyncio.wait([done, self._consumer], return_when=asyncio.FIRST_COMPLETED)
-        if self._consumer.done():
-            self._consumer.result()
+        await asyncio.wait([done, consumer], return_when=asyncio.FIRST_COMPLETED)
+        if consumer.done():
+            consumer.result()
         await done
 
     async def aclose(self) -> None:
@@ -135,7 +135,9 @@ class StagingSink:
 
     def _stage(self, pages: list[FetchedPage]) -> None:
         t0 = time.perf_counter()
-        runs, seqs, rejected = [], [], []
+        runs: list = []
+        seqs: list[int] = []
+        rejected: list[tuple] = []
         for p in pages:
             runs.extend(p.parsed.runs)
             seqs.extend([p.seq] * len(p.parsed.runs))
@@ -205,7 +207,7 @@ def sync(settings: Settings, con, *, transport: httpx.AsyncBaseTransport | None 
     con.begin()
     stage = None
     try:
-        stage = Stage(con, result.sync_id)
+        stage = Stage(con, result.sync_id, staging_root(con))
         sink = StagingSink(stage, settings.sync.batch_pages)
         t0 = time.perf_counter()
         with _fewer_gc_passes():
