@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -146,16 +147,16 @@ class ApiClient:
     async def fetch_page(self, number: int) -> FetchedPage:
         """One page, retried until it is a valid envelope; bad records are rejected, not fatal."""
         params = {"page": number, "size": self.page_size}
-        body, request_id, seq = await self._get(RUNS_PATH, params, page=number, parse=parse_page)
+        parsed, nbytes, request_id, seq = await self._get(RUNS_PATH, params, page=number,
+                                                          parse=parse_page)
         self.stats.list_requests += 1
-        parsed, raw = body
-        return FetchedPage(number, seq, parsed, request_id, len(raw))
+        return FetchedPage(number, seq, parsed, request_id, nbytes)
 
     async def fetch_run(self, run_id: str) -> Run | None:
         """``GET /v1/runs/{id}``; None when the run no longer exists (404)."""
         try:
-            (run, _), _, _ = await self._get(f"{RUNS_PATH}/{run_id}", None, page=None,
-                                             parse=parse_run, missing_ok=True)
+            run, *_ = await self._get(f"{RUNS_PATH}/{run_id}", None, page=None,
+                                      parse=parse_run, missing_ok=True)
         except _Missing:
             return None
         finally:
@@ -163,6 +164,7 @@ class ApiClient:
         return run
 
     async def _get(self, path, params, *, page, parse, missing_ok=False):
+        """GET with retries; returns (parsed body, body size, request id, arrival seq)."""
         url = f"{self.http.base_url}{path}"
         last: ApiError | None = None
         for attempt in range(1, self.max_attempts + 1):
@@ -173,7 +175,11 @@ class ApiClient:
             try:
                 async with self._slots:
                     self.stats.requests += 1
-                    response = await self.http.get(path, params=params)
+                    # Streamed, so the body is ours alone: httpx keeps a read body on the
+                    # Response, which sits in reference cycles until the cycle collector runs
+                    # (measured: ~90 MB of page bodies held at 100k runs).
+                    async with self.http.stream("GET", path, params=params) as response:
+                        body = b"".join([chunk async for chunk in response.aiter_bytes()])
                     seq = next(self._seq)
             except httpx.TimeoutException as e:
                 last = RetryableApiError(f"timeout fetching {url}: {type(e).__name__}",
@@ -185,12 +191,12 @@ class ApiClient:
                 continue
             request_id = response.headers.get("x-request-id")
             self.stats.last_request_id = request_id or self.stats.last_request_id
-            self.stats.bytes += len(response.content)
+            self.stats.bytes += len(body)
             kw = dict(url=url, status=response.status_code, page=page, request_id=request_id)
             outcome = classify(response.status_code)
             if outcome is Outcome.OK:
                 try:
-                    return (parse(response.content), response.content), request_id, seq
+                    return parse(body), len(body), request_id, seq
                 except EnvelopeError as e:
                     last = RetryableApiError(f"malformed response from {url}: {e}", **kw)
                     continue
@@ -205,8 +211,7 @@ class ApiClient:
                     f"{url} answered {response.status_code}",
                     retry_after=parse_retry_after(response.headers.get("retry-after")), **kw)
                 continue
-            raise FatalApiError(f"{url} answered {response.status_code}: "
-                                f"{_detail(response)}", **kw)
+            raise FatalApiError(f"{url} answered {response.status_code}: {_detail(body)}", **kw)
         assert last is not None
         raise type(last)(f"giving up: {last.message}", url=last.url, status=last.status,
                          page=last.page, request_id=last.request_id, attempts=self.max_attempts)
@@ -216,12 +221,12 @@ class _Missing(Exception):
     pass
 
 
-def _detail(response: httpx.Response) -> str:
+def _detail(body: bytes) -> str:
     """The server's ``detail`` (FastAPI), shortened, so a 422 says which parameter was wrong."""
     try:
-        detail = response.json().get("detail")
+        detail = json.loads(body).get("detail")
     except (ValueError, AttributeError):
-        return response.text[:200]
+        return body[:200].decode("utf-8", "replace")
     if isinstance(detail, list):
         return "; ".join(
             f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg')}" for d in detail[:3]

@@ -185,7 +185,7 @@ def _fewer_gc_passes():
     gen-0 threshold (700) makes the cycle collector rescan them constantly. Measured: ~10%
     faster extract at 100k runs. Reference counting still frees everything at once."""
     before = gc.get_threshold()
-    gc.set_threshold(50_000, before[1], before[2])
+    gc.set_threshold(20_000, before[1], before[2])
     try:
         yield
     finally:
