@@ -124,16 +124,18 @@ class StagingSink:
             item = await queue.get()
             if isinstance(item, asyncio.Future):
                 if buffer:
-                    await asyncio.to_thread(self._stage, buffer)
+                    await self._stage(buffer)
                     buffer = []
                 item.set_result(None)
                 continue
             buffer.append(item)
             if len(buffer) >= self.batch_pages:
-                await asyncio.to_thread(self._stage, buffer)
+                await self._stage(buffer)
                 buffer = []
 
-    def _stage(self, pages: list[FetchedPage]) -> None:
+    async def _stage(self, pages: list[FetchedPage]) -> None:
+        """Normalize on the event loop (it needs the GIL anyway: a thread would only add
+        switching), then write the Parquet files in a thread (pyarrow releases the GIL)."""
         t0 = time.perf_counter()
         runs: list = []
         seqs: list[int] = []
@@ -147,7 +149,8 @@ class StagingSink:
         if rejected:
             rejected_table = pa.table(dict(zip(REJECTED_SCHEMA.names, map(list, zip(*rejected)))),
                                       schema=REJECTED_SCHEMA)
-        self.stage.add(normalize(runs, seqs), rejected_table)
+        batch = normalize(runs, seqs)
+        await asyncio.to_thread(self.stage.add, batch, rejected_table)
         self.seconds += time.perf_counter() - t0
 
     async def pass_stats(self, first_seq: int, last_seq: int,
