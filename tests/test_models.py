@@ -171,3 +171,11 @@ def test_empty_workspace_page():
 def test_parse_run_rejects_a_non_run_body():
     with pytest.raises(EnvelopeError):
         parse_run(b'{"detail": "oops"}')
+
+
+def test_a_run_repeated_within_one_page_is_kept_once_in_its_last_form():
+    first, other = make_run(1), make_run(2)
+    again = {**first, "status": "completed", "progress": 100}
+    page = parse_page(body([first, other, again]))
+    assert [r.id for r in page.runs] == [first["id"], other["id"]]
+    assert page.runs[0].status == "completed" and page.runs[0].progress == 100

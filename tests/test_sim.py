@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import pytest
 
-from runs_etl.sim import Faults, Simulator
+from runs_etl.sim import Faults, Simulator, main
 
 NOW = datetime(2026, 11, 7, 12, 0, tzinfo=UTC)
 RUN_KEYS = ["id", "group_id", "workflow_id", "input", "node_ids", "status", "progress",
@@ -306,6 +306,41 @@ def test_bad_envelope_fault(sim, client):
     assert r.status_code == 200 and "items" not in r.json()
 
 
+def test_bad_record_fault_spoils_one_record_of_an_otherwise_valid_page(sim, client):
+    snap = sim.snapshot()
+    order = list(snap)
+    sim.faults.rate_bad_record = 1.0
+    kinds = Counter()
+    for n in range(20):
+        page = n % 5 + 1
+        r = client.get("/v1/runs", params={"page": page, "size": 50})
+        body = r.json()
+        assert r.status_code == 200
+        assert (body["total"], body["page"], body["size"], body["pages"]) == (237, page, 50, 5)
+        served = order[(page - 1) * 50: page * 50]
+        assert len(body["items"]) == len(served)
+        spoiled = [(item, run_id) for item, run_id in zip(body["items"], served)
+                   if item.get("id") != run_id or item["created_at"] == "not a date"]
+        [(item, run_id)] = spoiled  # exactly one; every other record is served intact
+        assert all(canonical(i) == canonical(snap[i["id"]]) for i in body["items"] if i != item)
+        if "id" not in item:
+            kinds["no id"] += 1
+            repaired = item | {"id": run_id}
+        else:
+            assert item["id"] == run_id and item["created_at"] == "not a date"
+            kinds["bad created_at"] += 1
+            repaired = item | {"created_at": snap[run_id]["created_at"]}
+        assert canonical(repaired) == canonical(snap[run_id])  # only that field is broken
+    assert set(kinds) == {"no id", "bad created_at"}
+    empty = client.get("/v1/runs", params={"page": 6, "size": 50}).json()
+    assert empty["items"] == [] and empty["total"] == 237
+    sim.faults.only_list = False  # a single run is never spoiled: the knob is per list page
+    assert canonical(client.get(f"/v1/runs/{order[0]}").json()) == canonical(snap[order[0]])
+    sim.faults.rate_bad_record = 0.0  # the stored runs were never changed
+    assert sim.snapshot() == snap
+    assert [canonical(i) for i in walk(client)] == [canonical(snap[i]) for i in order]
+
+
 def test_faults_spare_single_run_unless_asked(sim, client):
     run_id = next(iter(sim.run_ids()))
     sim.faults = Faults(rate_429=1.0)
@@ -480,3 +515,12 @@ def test_module_cli_prints_url_and_serves_until_sigterm():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_module_cli_help_documents_the_fault_knobs(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--latency", "--rate-429", "--rate-500", "--rate-bad-record"):
+        assert flag in out

@@ -2,7 +2,8 @@
 
 Staging on disk keeps memory flat however many runs a sync sees: Python holds one batch at a
 time, and DuckDB reads the staged files column by column. The merge then applies the freshest
-snapshot of each run (highest arrival ``_seq``) with a few set-based statements inside the sync's
+snapshot of each run (highest arrival ``_seq``; a page holds each run once, see
+``models.parse_page``, so (id, _seq) is a key) with a few set-based statements inside the sync's
 transaction; an unchanged run is not rewritten. Views ``stage_runs`` / ``stage_workflows`` /
 ``stage_nodes`` over the staged files also drive walk verification and delete candidates.
 """
@@ -132,8 +133,7 @@ class Stage:
         con.execute(f"""
             CREATE OR REPLACE TEMP TABLE run_changes AS
             WITH latest AS (SELECT id, max(_seq) AS _seq FROM stage_runs GROUP BY id),
-            cur AS (SELECT s.* FROM stage_runs s JOIN latest USING (id, _seq)
-                    QUALIFY row_number() OVER (PARTITION BY s.id) = 1)
+            cur AS (SELECT s.* FROM stage_runs s JOIN latest USING (id, _seq))
             SELECT c.id, c._seq, r._first_seen_at,
                    CASE WHEN r.id IS NULL THEN 'new'
                         WHEN r._deleted_at IS NOT NULL OR {_changed(cols, 'c', 'r')}
@@ -146,13 +146,12 @@ class Stage:
             INSERT INTO runs ({_list(cols)}, _first_seen_at, _synced_at, _deleted_at, _sync_id)
             SELECT {_list(cols, 's.')}, coalesce(d._first_seen_at, now()), now(), NULL, ?
             FROM stage_runs s JOIN run_changes d ON s.id = d.id AND s._seq = d._seq
-            WHERE d.change <> 'unchanged'
-            QUALIFY row_number() OVER (PARTITION BY s.id) = 1""", [self.sync_id])
+            WHERE d.change <> 'unchanged'""", [self.sync_id])
         con.execute("DELETE FROM run_nodes WHERE run_id IN "
                     "(SELECT id FROM run_changes WHERE change = 'updated')")
         con.execute("""
             INSERT INTO run_nodes (run_id, position, node_id)
-            SELECT DISTINCT ON (n.run_id, n.position) n.run_id, n.position, n.node_id
+            SELECT n.run_id, n.position, n.node_id
             FROM stage_nodes n JOIN run_changes d ON n.run_id = d.id AND n._seq = d._seq
             WHERE d.change <> 'unchanged'""")
         new, updated, unchanged, undeleted = con.execute("""

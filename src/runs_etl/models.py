@@ -21,8 +21,8 @@ INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 TERMINAL_STATUSES = frozenset({"completed", "failed", "stopped"})
-# Documented open statuses; any status not in TERMINAL_STATUSES is treated as open.
-OPEN_STATUSES = frozenset({"queued", "running", "awaiting_human_feedback"})
+# Any status not in TERMINAL_STATUSES (queued, running, awaiting_human_feedback, or one a newer
+# server invents) is open: such a run will still change.
 
 
 def utc(value: datetime) -> datetime:
@@ -129,10 +129,14 @@ def _short_errors(err: ValidationError) -> str:
 
 
 def _share_workflows(runs: list[Run]) -> list[Run]:
-    """Point every run of a page at one instance per embedded workflow id.
+    """Point every run of a page at one instance per embedded workflow id, and keep one run
+    per id (the last: a page is one instant, so copies are the same run).
 
     One response embeds the same snapshot in each of a workflow's runs (it is "as of the
-    request"); keeping a single copy cuts a parsed page's memory several times over."""
+    request"); keeping a single copy cuts a parsed page's memory several times over. One run
+    per id and page makes (id, page) a key downstream."""
+    if len({r.id for r in runs}) != len(runs):
+        runs = list({r.id: r for r in runs}.values())
     shared: dict[str, Workflow] = {}
     for run in runs:
         wf = run.workflow

@@ -79,7 +79,6 @@ class WalkReport:
     total_start: int | None = None
     total_end: int | None = None
     newest_first: bool | None = None  # did every page walked run newest-first?
-    stopped_early: bool = False  # an incremental walk reached already-synced history
     pass_ranges: list[tuple[int, int]] = field(default_factory=list)
 
 
@@ -296,6 +295,4 @@ async def head_walk(client: ApiClient, sink: PageSink, *, workers: int, max_page
                      progress=progress, state=state, stop_after=stop_after)
     await sink.flush()
     _account(report, state, 1)
-    last = max(state.bounds) if state.bounds else 1
-    report.stopped_early = first.parsed.pages is None or last < (first.parsed.pages or 0)
     return report
