@@ -86,7 +86,9 @@ def _sync(url: str, db: Path, *extra: str) -> dict:
     env.update(RUNS_ETL_API_URL=url, RUNS_ETL_API_KEY="sim-key", RUNS_ETL_DUCKDB_PATH=str(db),
                RUNS_ETL_LOG_LEVEL="warning")
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "runs_etl", "sync", "--quiet", *extra],
+    config = os.environ.get("RUNS_ETL_BENCH_CONFIG")
+    args = ["--config", config] if config else []
+    proc = subprocess.Popen([sys.executable, "-m", "runs_etl", "sync", "--quiet", *args, *extra],
                             env=env)
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - t0
@@ -112,6 +114,7 @@ def main(argv=None) -> int:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--change-fraction", type=float, default=0.01)
     ap.add_argument("--only-full", action="store_true", help="skip the incremental syncs")
+    ap.add_argument("--memory-limit", help="warehouse.memory_limit for the syncs (e.g. 128MB)")
     args = ap.parse_args(argv)
     sim = SimProcess(args.runs)
     report: dict = {"runs": args.runs, "concurrency": args.concurrency}
@@ -121,6 +124,10 @@ def main(argv=None) -> int:
         report["fetch_floor"] = min(floors, key=lambda f: f["seconds"])
         with tempfile.TemporaryDirectory() as tmp:
             db = Path(tmp) / "bench.duckdb"
+            if args.memory_limit:
+                config = Path(tmp) / "bench.toml"
+                config.write_text(f'[warehouse]\nmemory_limit = "{args.memory_limit}"\n')
+                os.environ["RUNS_ETL_BENCH_CONFIG"] = str(config)
             report["full_sync"] = _sync(sim.url, db)
             if not args.only_full:
                 n = max(1, int(args.runs * args.change_fraction))

@@ -12,7 +12,7 @@ from fakeapi import API_KEY, BASE_URL, FakeApi, Sleeps, make_run, make_runs
 from runs_etl import ledger, warehouse
 from runs_etl.client import ApiClient
 from runs_etl.config import load_settings
-from runs_etl.errors import AuthError, ConfigError, DataError, RetryableApiError
+from runs_etl.errors import AuthError, ConfigError, DataError, RetryableApiError, WarehouseError
 from runs_etl.sync import sync
 
 
@@ -232,3 +232,17 @@ def test_a_run_deleted_at_the_source_is_soft_deleted_by_a_full_sync(tmp_path, co
     deleted = con.execute("SELECT id FROM runs WHERE _deleted_at IS NOT NULL").fetchall()
     assert deleted == [(gone,)]
     assert len(runs_state(con)) == 40  # soft delete: the row stays, flagged
+
+
+def test_duckdb_out_of_memory_is_a_clear_error_naming_the_setting_and_commits_nothing(tmp_path,
+                                                                                  con):
+    api = FakeApi(make_runs(30), api_key=API_KEY)
+    sync(settings_for(tmp_path), con, transport=api.transport())
+    before = runs_state(con)
+    api.runs.extend(make_runs(3000, start=100))
+    con.execute("SET memory_limit = '2MB'")  # far too little for the merge
+    with pytest.raises(WarehouseError, match=r"out of memory.*warehouse\.memory_limit"):
+        sync(settings_for(tmp_path), con, transport=api.transport())
+    con.execute("SET memory_limit = '256MB'")  # room again to look at what is there
+    assert runs_state(con) == before
+    assert [r["outcome"] for r in ledger_rows(con)].count("success") == 1

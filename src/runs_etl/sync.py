@@ -16,13 +16,14 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
+import duckdb
 import httpx
 import pyarrow as pa
 
 from . import ledger, warehouse
 from .client import ApiClient, FetchedPage
 from .config import Settings
-from .errors import DataError
+from .errors import DataError, WarehouseError
 from .extract import (
     NEWEST_FIRST,
     STATE_LAST_FULL,
@@ -199,6 +200,14 @@ def sync(settings: Settings, con, *, transport: httpx.AsyncBaseTransport | None 
          progress: Progress | None = None, full_refresh: bool = False,
          allow_mass_delete: bool = False) -> SyncResult:
     """Mirror the API into ``con`` in one transaction; the ledger records success or failure."""
+    try:
+        return _sync(settings, con, transport, progress, full_refresh, allow_mass_delete)
+    except (duckdb.OutOfMemoryException, duckdb.IOException) as exc:
+        raise _warehouse_failure(settings, exc) from exc
+
+
+def _sync(settings: Settings, con, transport, progress, full_refresh: bool,
+          allow_mass_delete: bool) -> SyncResult:
     settings.api_key()  # fail on a missing key before touching the warehouse
     t_start = time.perf_counter()
     warehouse.migrate(con)
@@ -241,6 +250,17 @@ def sync(settings: Settings, con, *, transport: httpx.AsyncBaseTransport | None 
              extra={"event": "sync_finished", "sync_id": result.sync_id,
                     "outcome": result.outcome, "sync": result.ledger_fields()})
     return result
+
+
+def _warehouse_failure(settings: Settings, exc: Exception) -> WarehouseError:
+    """DuckDB running out of memory or disk is an operating condition, not a bug."""
+    detail = str(exc).strip().splitlines()[0]
+    if isinstance(exc, duckdb.OutOfMemoryException):
+        return WarehouseError(
+            f"DuckDB ran out of memory ({detail}); nothing was committed. Raise "
+            f"warehouse.memory_limit (configured: {settings.warehouse.memory_limit})")
+    return WarehouseError(f"DuckDB could not read or write its files ({detail}); nothing was "
+                          "committed. Check free disk space and permissions beside the database")
 
 
 def _record_walk(result: SyncResult, extracted: Extracted) -> None:
