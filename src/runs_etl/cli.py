@@ -26,7 +26,6 @@ from .sync import SyncResult, sync
 
 DEMO_RUNS = 20_000
 DEMO_DIR = Path("demo")
-# 128 + SIGINT, what shells report for Ctrl-C; SIGTERM ends a command the same way.
 
 log = logging.getLogger("runs_etl.cli")
 
@@ -37,7 +36,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duckdb-path", type=Path, metavar="FILE", help="DuckDB database file")
     p.add_argument("--log-format", choices=["text", "json"], help="log line format")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar or report lines")
     g.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
