@@ -137,14 +137,19 @@ def test_reexport_after_upserts_has_each_run_once_in_its_latest_state(synced):
     assert len(pairs) == len(set(pairs)) and not set(gone) & {r for r, _ in pairs}
 
 
+def soft_delete_first(settings, n: int) -> None:
+    """Mark the first ``n`` runs (by id) deleted in the warehouse, as a sync would."""
+    con = warehouse.connect(settings.warehouse.duckdb_path)
+    con.execute("UPDATE runs SET _deleted_at = now() WHERE id IN "
+                "(SELECT id FROM runs ORDER BY id LIMIT ?)", [n])
+    con.close()
+
+
 def test_a_reader_sees_the_previous_complete_version_until_the_switch(synced, monkeypatch):
     _, settings = synced
     root = root_of(settings)
     export_parquet(settings)
-    con = warehouse.connect(settings.warehouse.duckdb_path)
-    con.execute("UPDATE runs SET _deleted_at = now() WHERE id IN "
-                "(SELECT id FROM runs ORDER BY id LIMIT 100)")
-    con.close()
+    soft_delete_first(settings, 100)
     seen_before_switch = []
     real_replace = os.replace
 
@@ -165,10 +170,7 @@ def test_concurrent_readers_only_ever_see_a_complete_version(synced):
     _, settings = synced
     root = root_of(settings)
     export_parquet(settings)
-    con = warehouse.connect(settings.warehouse.duckdb_path)
-    con.execute("UPDATE runs SET _deleted_at = now() WHERE id IN "
-                "(SELECT id FROM runs ORDER BY id LIMIT 50)")
-    con.close()
+    soft_delete_first(settings, 50)
     counts, errors, stop = [], [], threading.Event()
 
     def reader():
