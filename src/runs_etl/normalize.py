@@ -7,7 +7,7 @@ original object kept in ``extra.node_ids``. ``_seq`` orders snapshots: higher is
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -69,15 +69,19 @@ class Batch:
     run_nodes: pa.Table
 
 
-def _json(value) -> str | None:
-    return None if value is None else to_json(value).decode()
+def _json_column(values: Iterable) -> pa.Array:
+    """JSON text of each value (None stays NULL); UTF-8 checked once for the whole column
+    by Arrow instead of decoded value by value."""
+    return pa.array([None if v is None else to_json(v) for v in values],
+                    pa.binary()).cast(JSON_TEXT)
 
 
-def _extra(model: Run | Workflow, node_ids_object=None) -> str | None:
-    extra = dict(model.model_extra or {})
+def _extra(model: Run | Workflow, node_ids_object=None) -> dict | None:
+    """Unknown fields (plus an object ``node_ids``, kept losslessly), or None."""
+    extra = model.__pydantic_extra__
     if node_ids_object is not None:
-        extra["node_ids"] = node_ids_object
-    return _json(extra) if extra else None
+        extra = {**(extra or {}), "node_ids": node_ids_object}
+    return extra or None
 
 
 def _node_list(run: Run) -> list[str] | None:
@@ -91,17 +95,16 @@ def runs_table(runs: Sequence[Run], seqs: Sequence[int]) -> pa.Table:
         "id": [r.id for r in runs],
         "group_id": [r.group_id for r in runs],
         "workflow_id": [r.workflow_id for r in runs],
-        "input": [_json(r.input) for r in runs],
+        "input": _json_column(r.input for r in runs),
         "node_ids": [_node_list(r) for r in runs],
         "status": [r.status for r in runs],
         "progress": [r.progress for r in runs],
-        "definitions": [_json(r.definitions) for r in runs],
+        "definitions": _json_column(r.definitions for r in runs),
         "created_at": [r.created_at for r in runs],
         "finished_at": [r.finished_at for r in runs],
         "source": [r.source for r in runs],
-        "extra": [
-            _extra(r, r.node_ids if isinstance(r.node_ids, dict) else None) for r in runs
-        ],
+        "extra": _json_column(
+            _extra(r, r.node_ids if isinstance(r.node_ids, dict) else None) for r in runs),
         "_seq": list(seqs),
     }
     return pa.table(cols, schema=RUNS_SCHEMA)
@@ -121,7 +124,7 @@ def workflows_table(runs: Sequence[Run], seqs: Sequence[int]) -> pa.Table:
         "group_id": [w.group_id for w in wfs],
         "name": [w.name for w in wfs],
         "type": [w.type for w in wfs],
-        "definition": [_json(w.definition) for w in wfs],
+        "definition": _json_column(w.definition for w in wfs),
         "last_updated_at": [w.last_updated_at for w in wfs],
         "last_run_at": [w.last_run_at for w in wfs],
         "created_at": [w.created_at for w in wfs],
@@ -131,7 +134,7 @@ def workflows_table(runs: Sequence[Run], seqs: Sequence[int]) -> pa.Table:
         "description": [w.description for w in wfs],
         "saved": [w.saved for w in wfs],
         "error_handler": [w.error_handler for w in wfs],
-        "extra": [_extra(w) for w in wfs],
+        "extra": _json_column(_extra(w) for w in wfs),
         "_seq": [s for s, _ in items],
     }
     return pa.table(cols, schema=WORKFLOWS_SCHEMA)
