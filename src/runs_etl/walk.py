@@ -226,10 +226,9 @@ async def full_walk(client: ApiClient, sink: PageSink, *, workers: int, max_page
         # response as the total: runs not newer than it are the ones that total counts.
         head = state.bounds[1][0] if state.newest_first() and 1 in state.bounds else None
         stats = await sink.pass_stats(state.first_seq, state.last_seq, newest_before, head)
-        # On a newest-first source page 1 shows the newest run as a pass begins: anything
-        # newer that a later pass discovers was created during the sync, not skipped.
-        newest_before = state.bounds[1][0] if report.newest_first and 1 in state.bounds \
-            else None
+        # Anything newer than this pass's head that a later pass discovers was created during
+        # the sync, not skipped.
+        newest_before = head if report.newest_first else None
         total = state.constant_total()
         if total is not None and state.rows == stats.distinct \
                 and stats.distinct + state.rejected == total:
