@@ -129,10 +129,9 @@ class BarProgress:
             return
         rate = self.rows / max(time.perf_counter() - self.t0, 1e-6)
         self.bar.update(self.task, advance=pages, rows=self.rows, rate=rate)
-        total = self.bar.tasks[0].total if self.bar.tasks else None
-        done = self.bar.tasks[0].completed if self.bar.tasks else 0
-        if total is not None and done > total:  # the source grew: let the bar grow too
-            self.bar.update(self.task, total=done)
+        task = next(t for t in self.bar.tasks if t.id == self.task)
+        if task.total is not None and task.completed > task.total:  # the source grew
+            self.bar.update(self.task, total=task.completed)
 
 
 class QuietProgress:
