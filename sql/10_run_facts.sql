@@ -2,6 +2,8 @@
 -- duration of terminal runs and UTC grouping keys. Every other run view builds on this one.
 -- timezone('UTC', ts) turns a TIMESTAMPTZ into a UTC wall-clock TIMESTAMP, so dates and hours are
 -- UTC whatever the TimeZone setting of the session reading the view.
+-- The terminal statuses are filled in from runs_etl.engine.models.TERMINAL_STATUSES when the
+-- view is applied (runs_etl.warehouse.views).
 CREATE OR REPLACE VIEW run_facts AS
 SELECT
     r.id                                                        AS run_id,
@@ -10,12 +12,12 @@ SELECT
     w.name                                                      AS workflow_name,
     w.type                                                      AS workflow_type,
     r.status,
-    coalesce(r.status IN ('completed', 'failed', 'stopped'), false) AS is_terminal,
+    coalesce(r.status IN {terminal_statuses}, false) AS is_terminal,
     r.progress,
     r.source,
     r.created_at,
     r.finished_at,
-    CASE WHEN r.status IN ('completed', 'failed', 'stopped')
+    CASE WHEN r.status IN {terminal_statuses}
          THEN CAST(epoch_us(r.finished_at) - epoch_us(r.created_at) AS DOUBLE) / 1000000
     END                                                         AS duration_seconds,
     CAST(timezone('UTC', r.created_at) AS DATE)                 AS created_date,

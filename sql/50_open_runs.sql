@@ -7,7 +7,7 @@ FROM run_facts
 WHERE NOT is_terminal;
 
 -- stuck_runs: open runs older than analytics.stuck_after. Every sync stores that setting in
--- sync_state under 'stuck_after_seconds' (warehouse.apply_views); 24 h until one has.
+-- sync_state under 'stuck_after_seconds'; 24 h until one has.
 CREATE OR REPLACE VIEW stuck_runs AS
 WITH threshold AS (
     SELECT coalesce(

@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from runs_etl.client import ApiClient
+from runs_etl.engine.client import ApiClient
 
 BASE_URL = "https://runs.test"
 API_KEY = "sk-test-9f8e7d6c5b4a"

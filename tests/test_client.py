@@ -13,9 +13,9 @@ from fakeapi import API_KEY, BASE_URL, FakeApi, Sleeps, make_run, make_runs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import runs_etl.client as client_mod
-from runs_etl.client import MAX_RETRY_AFTER, ApiClient, Outcome, classify, parse_retry_after
+import runs_etl.engine.client as client_mod
 from runs_etl.config import load_settings
+from runs_etl.engine.client import MAX_RETRY_AFTER, ApiClient, Outcome, classify, parse_retry_after
 from runs_etl.errors import AuthError, FatalApiError, RetryableApiError
 
 NOW = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)

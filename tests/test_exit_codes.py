@@ -13,8 +13,8 @@ from conftest import settings_for
 # Subprocess and simulator helpers live with the lock tests; importing the fixtures enables them.
 from mirror import ledger
 
-from runs_etl import cli, errors
-from runs_etl.lock import writer_lock
+from runs_etl import cli, errors, jobs
+from runs_etl.ops.lock import writer_lock
 from runs_etl.sim import Faults
 
 
@@ -84,7 +84,6 @@ def test_a_busy_warehouse_exits_75(make_sim, run_cli, tmp_path, flags, says):
 
 
 def test_export_takes_the_same_lock_and_exits_75(run_cli, tmp_path):
-    pytest.importorskip("runs_etl.export")
     with writer_lock(tmp_path / "runs.duckdb", command="runs-etl sync"):
         code, _, err = run_cli(None, "export", "--parquet-dir", str(tmp_path / "parquet"))
     assert code == 75
@@ -95,7 +94,7 @@ def test_sigterm_during_a_sync_exits_130_and_keeps_the_previous_commit(
         make_sim, sim_env, gate, procs, tmp_path):  # noqa: F811
     sim = make_sim(300)
     db = tmp_path / "runs.duckdb"
-    cli.run_sync(settings_for(sim, db), quiet=True)
+    jobs.run_sync(settings_for(sim, db), quiet=True)
     before = sim.run_ids()
     sim.add_runs(40)
     held = gate(sim)

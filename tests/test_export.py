@@ -13,13 +13,13 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import settings_for
 
-from runs_etl import export as export_mod
 from runs_etl import warehouse
 from runs_etl.cli import main
 from runs_etl.config import load_settings
+from runs_etl.engine.sync import sync
 from runs_etl.errors import ConfigError, WarehouseError
-from runs_etl.export import current_version, export_parquet
-from runs_etl.sync import sync
+from runs_etl.outputs import export as export_mod
+from runs_etl.outputs.export import current_version, export_parquet
 
 N_RUNS = 400
 

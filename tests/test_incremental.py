@@ -23,9 +23,9 @@ from mirror import (
     read_warehouse,
 )
 
-from runs_etl import cli
+from runs_etl import jobs
 from runs_etl.config import load_settings
-from runs_etl.sync import sync
+from runs_etl.engine.sync import sync
 
 PAGE = 50
 
@@ -47,7 +47,7 @@ def test_plain_syncs_read_only_the_head_yet_mirror_every_run_the_source_still_ha
     sim = make_sim(3000, seed=11)
     db = tmp_path / "runs.duckdb"
     settings = _settings(sim, tmp_path)
-    first = cli.run_sync(settings, quiet=True)
+    first = jobs.run_sync(settings, quiet=True)
     assert first.mode == "full" and first.verified
     full_walk = sim.list_request_count
     assert full_walk >= 60
@@ -74,7 +74,7 @@ def test_plain_syncs_read_only_the_head_yet_mirror_every_run_the_source_still_ha
         kept_deleted |= set(terminal_victims)
 
         before = sim.list_request_count
-        result = cli.run_sync(settings, quiet=True)
+        result = jobs.run_sync(settings, quiet=True)
 
         list_requests = sim.list_request_count - before
         assert result.outcome == "success"
@@ -86,7 +86,7 @@ def test_plain_syncs_read_only_the_head_yet_mirror_every_run_the_source_still_ha
         assert result.rows_deleted == 2 and result.single_run_requests >= 2
         assert wh.ledger[-1]["mode"] == "incremental" and wh.ledger[-1]["verified"] is False
 
-    full = cli.run_sync(settings, quiet=True, full_refresh=True)
+    full = jobs.run_sync(settings, quiet=True, full_refresh=True)
     assert full.verified and full.rows_deleted == len(kept_deleted)
     assert kept_deleted <= assert_mirror(db, sim).deleted
 
@@ -98,7 +98,7 @@ def test_runs_created_while_plain_syncs_walk_do_not_turn_them_into_full_walks(ma
     sim = make_sim(3000, seed=19)
     db = tmp_path / "runs.duckdb"
     settings = settings_for(sim, db, api={"page_size": PAGE, "concurrency": concurrency})
-    assert cli.run_sync(settings, quiet=True).verified
+    assert jobs.run_sync(settings, quiet=True).verified
     full_walk = sim.list_request_count
 
     def busy(sim, page, size, n):  # a busy workspace: runs keep being created
@@ -107,12 +107,12 @@ def test_runs_created_while_plain_syncs_walk_do_not_turn_them_into_full_walks(ma
     sim.on_list_request(busy)
     for _ in range(2):
         before = sim.list_request_count
-        result = cli.run_sync(settings, quiet=True)
+        result = jobs.run_sync(settings, quiet=True)
         assert result.mode == "incremental", result.mode_reason
         assert sim.list_request_count - before < 0.25 * full_walk
     sim.on_list_request(None)
 
-    assert cli.run_sync(settings, quiet=True).mode == "incremental"
+    assert jobs.run_sync(settings, quiet=True).mode == "incremental"
     assert_mirror(db, sim, workflows="present")
 
 
@@ -128,17 +128,17 @@ def test_runs_an_unverified_walk_missed_are_landed_by_the_next_plain_sync(make_s
             sim.delete(1, where="newest")  # seen on page 1
 
     sim.on_list_request(delete_ahead)
-    first = cli.run_sync(settings, quiet=True)
+    first = jobs.run_sync(settings, quiet=True)
     sim.on_list_request(None)
     missed = (start & sim.run_ids()) - read_warehouse(db).live
     assert first.verified is False or not missed  # a verified walk misses nothing
 
-    second = cli.run_sync(settings, quiet=True)
+    second = jobs.run_sync(settings, quiet=True)
 
     # Incremental walks only re-read the head: history a walk may have missed needs a full one.
     assert second.mode == "full" if not first.verified else second.mode == "incremental"
     assert_mirror(db, sim)
-    assert cli.run_sync(settings, quiet=True).mode == "incremental"
+    assert jobs.run_sync(settings, quiet=True).mode == "incremental"
 
 
 # --- full refresh: deletes and undeletes ------------------------------------------------------
@@ -199,7 +199,7 @@ def test_deletes_are_applied_only_after_a_verified_complete_walk(make_sim, tmp_p
     db = tmp_path / "runs.duckdb"
     settings = settings_for(sim, db, api={"page_size": PAGE, "concurrency": 1},
                             sync={"max_walk_passes": passes})
-    cli.run_sync(settings, quiet=True)
+    jobs.run_sync(settings, quiet=True)
     start = sim.run_ids()
     base = sim.list_request_count
     deleted: list[str] = []
@@ -210,7 +210,7 @@ def test_deletes_are_applied_only_after_a_verified_complete_walk(make_sim, tmp_p
             deleted.extend(sim.delete(ids=[next(iter(sim.snapshot()))]))
 
     sim.on_list_request(delete_ahead)
-    result = cli.run_sync(settings, quiet=True, full_refresh=True)
+    result = jobs.run_sync(settings, quiet=True, full_refresh=True)
     sim.on_list_request(None)
 
     assert len(deleted) == 10 and result.outcome == "success"
@@ -228,7 +228,7 @@ def test_deletes_are_applied_only_after_a_verified_complete_walk(make_sim, tmp_p
         assert result.verified is True
         wh = assert_mirror(db, sim, stale=deleted)
         assert wh.deleted <= set(deleted)
-    again = cli.run_sync(settings, quiet=True, full_refresh=True)
+    again = jobs.run_sync(settings, quiet=True, full_refresh=True)
     assert again.verified is True
     assert assert_mirror(db, sim).deleted == set(deleted)
 
@@ -240,14 +240,14 @@ def test_an_unsorted_source_gets_a_full_fallback_walk_every_time_and_stays_exact
     sim = make_sim(1000, seed=15, order="random")
     db = tmp_path / "runs.duckdb"
     settings = _settings(sim, tmp_path)
-    assert cli.run_sync(settings, quiet=True).mode == "full"
+    assert jobs.run_sync(settings, quiet=True).mode == "full"
     for _ in range(2):
         sim.add_runs(20)
         sim.transition()
         sim.delete(5, where="random")
         sim.touch_terminal(random.Random(15).sample(sorted(sim.run_ids()), 10))  # any age
         before = sim.list_request_count
-        result = cli.run_sync(settings, quiet=True)
+        result = jobs.run_sync(settings, quiet=True)
         assert result.mode == "fallback" and "not verified newest-first" in result.mode_reason
         assert result.verified and sim.list_request_count - before >= 1000 // PAGE
         wh = assert_mirror(db, sim)
@@ -260,14 +260,14 @@ def test_too_many_open_runs_to_refresh_one_by_one_make_a_plain_sync_read_to_the_
     sim = make_sim(2000, seed=21)
     db = tmp_path / "runs.duckdb"
     settings = _settings(sim, tmp_path, max_single_refreshes=0)
-    cli.run_sync(settings, quiet=True)
+    jobs.run_sync(settings, quiet=True)
     assert _open_in_warehouse(db)
     sim.add_runs(10)
     sim.transition()
     gone = sim.delete(3, where="oldest")
     before = sim.list_request_count
 
-    result = cli.run_sync(settings, quiet=True)
+    result = jobs.run_sync(settings, quiet=True)
 
     assert result.mode == "incremental" and "read everything" in result.mode_reason
     assert sim.list_request_count - before >= 2000 // PAGE  # the whole source was read ...
@@ -282,11 +282,11 @@ def test_full_refresh_every_turns_a_plain_sync_into_a_periodic_reconciliation(ma
     sim = make_sim(1000, seed=16)
     db = tmp_path / "runs.duckdb"
     settings = _settings(sim, tmp_path, full_refresh_every=every)
-    cli.run_sync(settings, quiet=True)
+    jobs.run_sync(settings, quiet=True)
     snap = sim.snapshot()
     gone = sim.delete(ids=[i for i, r in snap.items() if r["status"] in TERMINAL][-5:])
 
-    result = cli.run_sync(settings, quiet=True)
+    result = jobs.run_sync(settings, quiet=True)
 
     assert result.mode == mode
     if mode == "full":
@@ -306,10 +306,10 @@ def test_runs_that_finish_right_after_a_sync_saw_them_open_land_finished_next_ti
     sim = make_sim(2000, seed=17)
     db = tmp_path / "runs.duckdb"
     settings = _settings(sim, tmp_path, lookback=lookback)
-    cli.run_sync(settings, quiet=True)
+    jobs.run_sync(settings, quiet=True)
     fresh = sim.add_runs(8)
     sim.transition(ids=fresh)  # running
-    cli.run_sync(settings, quiet=True)
+    jobs.run_sync(settings, quiet=True)
     assert set(fresh) <= _open_in_warehouse(db)
     # Finish them (and the oldest open run, far beyond the lookback) right after that sync ...
     runs = read_warehouse(db).runs
@@ -326,12 +326,12 @@ def test_runs_that_finish_right_after_a_sync_saw_them_open_land_finished_next_ti
             sim.transition(ids=more)
 
     sim.on_list_request(finish_mid_walk)
-    mid = cli.run_sync(settings, quiet=True)
+    mid = jobs.run_sync(settings, quiet=True)
     sim.on_list_request(None)
     assert mid.mode == "incremental"
     assert not set(sim.open_ids()) & set(finished)
 
-    result = cli.run_sync(settings, quiet=True)
+    result = jobs.run_sync(settings, quiet=True)
 
     assert result.mode == "incremental", result.mode_reason
     wh = assert_mirror(db, sim, workflows="present")
@@ -344,7 +344,7 @@ def test_without_lookback_bursts_of_runs_in_one_second_and_runs_created_mid_walk
     sim = make_sim(1000, seed=18)
     db = tmp_path / "runs.duckdb"
     settings = _settings(sim, tmp_path, lookback="0s")  # the watermark itself is the cutoff
-    cli.run_sync(settings, quiet=True)
+    jobs.run_sync(settings, quiet=True)
     burst = sim.add_runs(30, status="completed")
     seconds = {sim.snapshot()[i]["created_at"][:19] for i in burst}
     assert len(seconds) < len(burst)  # several runs share a second
@@ -356,11 +356,11 @@ def test_without_lookback_bursts_of_runs_in_one_second_and_runs_created_mid_walk
             late.extend(sim.add_runs(3, status="completed"))
 
     sim.on_list_request(add_during_walk)
-    cli.run_sync(settings, quiet=True)
+    jobs.run_sync(settings, quiet=True)
     sim.on_list_request(None)
     assert len(late) == 6
 
-    result = cli.run_sync(settings, quiet=True)
+    result = jobs.run_sync(settings, quiet=True)
 
     assert result.mode == "incremental"
     assert_mirror(db, sim, workflows="present")

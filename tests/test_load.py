@@ -16,10 +16,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from runs_etl import warehouse
+from runs_etl.engine.load import RUN_COLUMNS, WORKFLOW_COLUMNS, MergeCounts, merge
+from runs_etl.engine.models import parse_page
+from runs_etl.engine.normalize import normalize
+from runs_etl.engine.staging import Stage
 from runs_etl.errors import ConfigError, WarehouseError
-from runs_etl.load import RUN_COLUMNS, WORKFLOW_COLUMNS, MergeCounts, Stage
-from runs_etl.models import parse_page
-from runs_etl.normalize import normalize
 
 PROPERTY = settings(max_examples=15, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -59,7 +60,7 @@ def upsert(con, sync_id: int, pages: list[tuple[int, list[dict]]],
                 runs += page_runs
                 seqs += [seq] * len(page_runs)
             stage.add(normalize(runs, seqs))
-        return stage.merge()
+        return merge(con, sync_id)
     finally:
         stage.close()
 

@@ -11,9 +11,9 @@ import pytest
 from conftest import settings_for
 from mirror import ledger
 
-from runs_etl import cli
+from runs_etl import cli, jobs
 from runs_etl.errors import EXIT_LOCKED, LockedError, WarehouseError
-from runs_etl.lock import holder_path, lock_path, read_holder, writer_lock
+from runs_etl.ops.lock import holder_path, lock_path, read_holder, writer_lock
 
 # --- in process -----------------------------------------------------------------------------
 
@@ -87,9 +87,9 @@ def test_sync_refuses_to_start_while_another_writer_holds_the_warehouse(make_sim
     db = tmp_path / "runs.duckdb"
     with writer_lock(db, command="runs-etl export"):
         with pytest.raises(LockedError, match="runs-etl export"):
-            cli.run_sync(settings_for(sim, db), quiet=True)
+            jobs.run_sync(settings_for(sim, db), quiet=True)
     assert not db.exists()  # refused before opening (or creating) the warehouse
-    assert cli.run_sync(settings_for(sim, db), quiet=True).outcome == "success"
+    assert jobs.run_sync(settings_for(sim, db), quiet=True).outcome == "success"
 
 
 # --- across processes -----------------------------------------------------------------------
@@ -120,7 +120,7 @@ def test_racing_syncs_one_runs_one_exits_75_and_one_waits_its_turn(make_sim, sim
 def test_lock_left_by_a_sigkilled_process_is_recovered_at_once(procs, tmp_path):
     db = tmp_path / "runs.duckdb"
     holder = procs.python(
-        "import time\nfrom runs_etl.lock import writer_lock\n"
+        "import time\nfrom runs_etl.ops.lock import writer_lock\n"
         f"with writer_lock({str(db)!r}, command='doomed'):\n"
         "    print('locked', flush=True)\n    time.sleep(60)\n")
     holder.wait_for("locked")
@@ -144,7 +144,7 @@ def test_sync_after_a_sigkilled_sync_runs_and_marks_it_abandoned(make_sim, sim_e
     victim.popen.kill()
     victim.finish()
     held.open()
-    result = cli.run_sync(settings_for(sim, db), quiet=True)  # no --wait: the lock is free
+    result = jobs.run_sync(settings_for(sim, db), quiet=True)  # no --wait: the lock is free
     assert result.outcome == "success" and result.runs_seen == 200
     assert [r["outcome"] for r in ledger(db)] == ["abandoned", "success"]
 
@@ -155,7 +155,7 @@ def test_analyst_holding_the_database_open_gets_an_actionable_error(make_sim, si
                                                                      capsys, read_only):
     sim = make_sim(50)
     db = tmp_path / "runs.duckdb"
-    cli.run_sync(settings_for(sim, db), quiet=True)
+    jobs.run_sync(settings_for(sim, db), quiet=True)
     analyst = procs.python(
         f"import duckdb, time\ncon = duckdb.connect({str(db)!r}, read_only={read_only})\n"
         "print('open', flush=True)\ntime.sleep(60)\n")

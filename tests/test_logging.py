@@ -13,10 +13,10 @@ import duckdb
 import pytest
 from conftest import LOGGERS, settings_for
 
-from runs_etl import cli
+from runs_etl import cli, jobs
 from runs_etl.config import load_settings
 from runs_etl.errors import AuthError
-from runs_etl.feedback import JsonFormatter, setup_logging
+from runs_etl.ops.logs import JsonFormatter, setup_logging
 from runs_etl.sim import Faults
 
 # Distinctive enough that any occurrence is a leak, not a coincidence.
@@ -157,12 +157,12 @@ def test_the_api_key_never_reaches_logs_output_ledger_or_errors(make_sim, env, c
     # 2. in process, with every library logging at debug, and the exceptions themselves
     buf = io.StringIO()
     _everything_at_debug(buf)
-    result = cli.run_sync(settings_for(faulty, db), quiet=True)
+    result = jobs.run_sync(settings_for(faulty, db), quiet=True)
     assert result.retries > 0  # the faults were exercised
     wrong = load_settings(None, {"RUNS_ETL_API_URL": other.base_url, "RUNS_ETL_API_KEY": KEY,
                                  "RUNS_ETL_DUCKDB_PATH": str(db)}, cwd=tmp_path)
     with pytest.raises(AuthError) as failure:
-        cli.run_sync(wrong, quiet=True)
+        jobs.run_sync(wrong, quiet=True)
     exc = failure.value
     _assert_no_key(buf.getvalue(), "debug logs of runs-etl and its libraries")
     _assert_no_key("".join(traceback.format_exception(exc)) + repr(exc) + str(exc),

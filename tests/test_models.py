@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import pytest
 from fakeapi import make_run, make_runs
 
-from runs_etl.models import EnvelopeError, Run, parse_page, parse_run
+from runs_etl.engine.models import EnvelopeError, Run, parse_page, parse_run
 
 
 def body(items, **envelope) -> bytes:

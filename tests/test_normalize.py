@@ -11,8 +11,8 @@ import pytest
 from fakeapi import make_run, make_runs
 
 from runs_etl import warehouse
-from runs_etl.models import Run, parse_page
-from runs_etl.normalize import (
+from runs_etl.engine.models import Run, parse_page
+from runs_etl.engine.normalize import (
     RUN_NODES_SCHEMA,
     RUNS_SCHEMA,
     WORKFLOWS_SCHEMA,

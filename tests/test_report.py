@@ -17,7 +17,7 @@ from runs_etl import warehouse
 from runs_etl.cli import main
 from runs_etl.config import load_settings
 from runs_etl.errors import WarehouseError
-from runs_etl.report import DAYS_SHOWN, write_report
+from runs_etl.outputs.report import DAYS_SHOWN, write_report
 
 CHARTS = ("chart-runs-per-day", "chart-failure-rate", "chart-duration-percentiles",
           "chart-slowest", "chart-most-failing")

@@ -18,11 +18,11 @@ from conftest import settings_for
 # Subprocess and simulator helpers live with the lock tests; importing the fixtures enables them.
 from mirror import ledger
 
-from runs_etl import cli
+from runs_etl import cli, jobs
 from runs_etl.config import ScheduleSettings, load_settings
 from runs_etl.errors import AuthError, ConfigError, LockedError
-from runs_etl.feedback import setup_logging
-from runs_etl.scheduler import build_trigger, cron_trigger, default_sync, run_scheduler
+from runs_etl.ops.logs import setup_logging
+from runs_etl.ops.scheduler import build_trigger, cron_trigger, run_scheduler
 
 UTC_TZ = ZoneInfo("UTC")
 MONDAY_NOON = datetime(2024, 6, 3, 12, 0, tzinfo=UTC)
@@ -69,7 +69,8 @@ def test_zero_interval_and_unknown_timezone_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="schedule.interval must be positive"):
         build_trigger(ScheduleSettings(interval="0s"), UTC_TZ)
     with pytest.raises(ConfigError, match="schedule.timezone"):
-        run_scheduler(bare_settings(tmp_path, interval="1h", timezone="Mars/Olympus_Mons"))
+        run_scheduler(bare_settings(tmp_path, interval="1h", timezone="Mars/Olympus_Mons"),
+                      lambda s: None)
 
 
 @pytest.mark.parametrize("expr, start, expected", [
@@ -107,7 +108,7 @@ def test_scheduler_runs_real_syncs_on_its_interval_until_stopped(make_sim, tmp_p
     stop, results = threading.Event(), []
 
     def sync_fn(s):
-        results.append(default_sync(s))
+        results.append(jobs.run_sync(s, quiet=True))
         if len(results) == 1:
             sim.add_runs(20)  # the next tick must pick these up
         else:
@@ -212,7 +213,7 @@ def _daemon_with_a_sync_in_flight(make_sim, sim_env, gate, procs, tmp_path):  # 
     """A warehouse with one commit, a daemon whose first sync is held mid-walk."""
     sim = make_sim(300)
     db = tmp_path / "runs.duckdb"
-    cli.run_sync(settings_for(sim, db), quiet=True)
+    jobs.run_sync(settings_for(sim, db), quiet=True)
     before = sim.run_ids()
     sim.add_runs(40)
     config = tmp_path / "schedule.toml"
@@ -258,7 +259,7 @@ def test_a_second_signal_aborts_the_running_sync_without_committing(
     assert _run_ids(db) == before  # the previous commit, nothing partial
     # the aborted attempt is visible in the ledger, and the next sync records it as abandoned
     assert [r["outcome"] for r in ledger(db)] == ["success", "running"]
-    cli.run_sync(settings_for(sim, db), quiet=True)
+    jobs.run_sync(settings_for(sim, db), quiet=True)
     assert [r["outcome"] for r in ledger(db)] == ["success", "abandoned", "success"]
     assert _run_ids(db) == sim.run_ids()
 

@@ -16,7 +16,8 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import pytest
 
-from runs_etl.sim import Faults, Simulator, main
+from runs_etl.sim import Faults, Simulator
+from runs_etl.sim.server import main
 
 NOW = datetime(2026, 11, 7, 12, 0, tzinfo=UTC)
 RUN_KEYS = ["id", "group_id", "workflow_id", "input", "node_ids", "status", "progress",

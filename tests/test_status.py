@@ -15,7 +15,7 @@ from runs_etl import warehouse
 from runs_etl.cli import main
 from runs_etl.config import load_settings
 from runs_etl.errors import WarehouseError
-from runs_etl.status import human_age, print_status
+from runs_etl.outputs.status import human_age, print_status
 
 
 def settings_for_db(db: Path):

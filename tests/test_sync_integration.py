@@ -28,10 +28,10 @@ from mirror import (
     read_warehouse,
 )
 
-from runs_etl import cli
+from runs_etl import jobs
 from runs_etl.config import load_settings
+from runs_etl.engine.sync import sync
 from runs_etl.sim import Faults
-from runs_etl.sync import sync
 
 PAGE = "50"  # small pages: many requests per walk
 
@@ -92,7 +92,7 @@ def test_faults_on_one_request_in_ten_are_retried_and_the_mirror_is_still_exact(
 def test_429_without_retry_after_backs_off_and_still_lands_everything(make_sim, tmp_path):
     sim = make_sim(600, seed=3, faults=Faults(rate_429=0.15, retry_after=None))
     db = tmp_path / "runs.duckdb"
-    result = cli.run_sync(settings_for(sim, db, api={"page_size": 50, "backoff_base": 0.001,
+    result = jobs.run_sync(settings_for(sim, db, api={"page_size": 50, "backoff_base": 0.001,
                                                      "backoff_max": 0.01, "max_attempts": 10}),
                           quiet=True)
     assert result.outcome == "success" and result.retries > 0
@@ -131,7 +131,7 @@ def test_inserts_and_deletes_mid_walk_lose_no_run_and_store_none_twice(make_sim,
             deleted.extend(sim.delete(1, where="oldest"))
 
     sim.on_list_request(churn)
-    result = cli.run_sync(settings, quiet=True)
+    result = jobs.run_sync(settings, quiet=True)
     sim.on_list_request(None)
 
     end = sim.run_ids()
@@ -154,9 +154,9 @@ def test_inserts_and_deletes_mid_walk_lose_no_run_and_store_none_twice(make_sim,
 
     # With the source still, the next syncs converge: a plain one keeps nothing it should not,
     # a full refresh leaves the exact mirror, with exactly the vanished runs marked deleted.
-    assert cli.run_sync(settings, quiet=True).outcome == "success"
+    assert jobs.run_sync(settings, quiet=True).outcome == "success"
     assert_mirror(db, sim, stale=seen_then_gone, workflows="present")
-    full = cli.run_sync(settings, quiet=True, full_refresh=True)
+    full = jobs.run_sync(settings, quiet=True, full_refresh=True)
     assert full.outcome == "success" and full.verified
     assert assert_mirror(db, sim).deleted == seen_then_gone
 
@@ -169,7 +169,7 @@ def test_sigkill_mid_sync_keeps_the_last_commit_and_the_next_sync_repairs_everyt
     sim = make_sim(2000, seed=6)
     db = tmp_path / "runs.duckdb"
     settings = settings_for(sim, db, api={"page_size": 50})
-    assert cli.run_sync(settings, quiet=True).outcome == "success"
+    assert jobs.run_sync(settings, quiet=True).outcome == "success"
     good = sim.snapshot()
     before = dump_tables(db)
     # The source changes: the killed sync had new, changed and deleted runs to land.
@@ -194,7 +194,7 @@ def test_sigkill_mid_sync_keeps_the_last_commit_and_the_next_sync_repairs_everyt
     assert_mirror(db, good)
     assert [r["outcome"] for r in ledger(db)] == ["success", "running"]
 
-    result = cli.run_sync(settings, quiet=True, full_refresh=True)
+    result = jobs.run_sync(settings, quiet=True, full_refresh=True)
     assert result.outcome == "success" and result.verified
     assert_mirror(db, sim)
     assert [r["outcome"] for r in ledger(db)] == ["success", "abandoned", "success"]

@@ -9,11 +9,12 @@ import httpx
 import pytest
 from fakeapi import API_KEY, BASE_URL, FakeApi, Sleeps, make_run, make_runs
 
-from runs_etl import ledger, warehouse
-from runs_etl.client import ApiClient
+from runs_etl import warehouse
 from runs_etl.config import load_settings
+from runs_etl.engine.client import ApiClient
+from runs_etl.engine.sync import sync
 from runs_etl.errors import AuthError, ConfigError, DataError, RetryableApiError, WarehouseError
-from runs_etl.sync import sync
+from runs_etl.warehouse import ledger
 
 
 def settings_for(tmp_path, **sections):

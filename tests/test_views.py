@@ -12,6 +12,7 @@ import pytest
 
 from runs_etl import warehouse
 from runs_etl.config import load_settings
+from runs_etl.warehouse.views import store_view_settings
 
 T = datetime(2024, 3, 1, tzinfo=UTC)
 NOW = datetime.now(UTC)
@@ -231,12 +232,12 @@ def test_stuck_runs_are_open_runs_older_than_24h_by_default(con):
     assert {r["stuck_after_seconds"] for r in got.values()} == {86400.0}
 
 
-def test_stuck_runs_follow_analytics_stuck_after_stored_by_apply_views(con):
+def test_stuck_runs_follow_analytics_stuck_after_stored_by_the_sync(con):
     settings = load_settings(None, {}, {"analytics": {"stuck_after": "2d"}})
-    warehouse.apply_views(con, settings=settings)
+    store_view_settings(con, settings)
     assert {r for (r,) in con.execute("SELECT run_id FROM stuck_runs").fetchall()} == {"a6"}
     settings = load_settings(None, {}, {"analytics": {"stuck_after": "30m"}})
-    warehouse.apply_views(con, settings=settings)
+    store_view_settings(con, settings)
     assert {r for (r,) in con.execute("SELECT run_id FROM stuck_runs").fetchall()} == {
         "a6", "b4", "b5"}
 

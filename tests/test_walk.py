@@ -15,10 +15,10 @@ import pytest
 from fakeapi import FakeApi, make_run, make_runs, run_id
 
 from runs_etl import warehouse
+from runs_etl.engine.load import merge
+from runs_etl.engine.staging import Stage, StagingSink
+from runs_etl.engine.walk import WalkReport, full_walk
 from runs_etl.errors import RetryableApiError, WalkError
-from runs_etl.load import Stage
-from runs_etl.sync import StagingSink
-from runs_etl.walk import WalkReport, full_walk
 
 
 @dataclass
@@ -77,7 +77,7 @@ def walk(tmp_path):
                 await client.aclose()
 
         report = asyncio.run(main())
-        stage.merge()
+        merge(con, 1)
         return Walked(report, con, api)
 
     yield run

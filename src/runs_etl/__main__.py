@@ -2,5 +2,5 @@ import sys
 
 from .cli import main
 
-if __name__ == "__main__":  # a worker process re-imports this module; it must not re-run
+if __name__ == "__main__":  # importing this module (tooling) must not run the CLI
     sys.exit(main())

@@ -17,12 +17,10 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import __version__, warehouse
+from . import __version__
 from .config import Settings, load_settings
 from .errors import EXIT_INTERRUPTED, EXIT_OK, RunsEtlError
-from .feedback import log_failure, make_progress, setup_logging
-from .lock import writer_lock
-from .sync import SyncResult, sync
+from .ops.logs import log_failure, setup_logging
 
 DEMO_RUNS = 20_000
 DEMO_DIR = Path("demo")
@@ -117,40 +115,9 @@ def settings_from_args(args: argparse.Namespace, env=None) -> Settings:
                          overrides)
 
 
-def run_sync(settings: Settings, *, quiet: bool = False, full_refresh: bool = False,
-             allow_mass_delete: bool = False, transport=None) -> SyncResult:
-    """Take the writer lock, open the warehouse, sync once, close: what cron, the scheduler and
-    the demo share. Another writer on the same warehouse is ``LockedError`` (exit 75)."""
-    settings.api_key()  # a missing key is a config error before any file is locked or created
-    wh = settings.warehouse
-    with writer_lock(wh.duckdb_path, wh.lock_wait, command="runs-etl sync"):
-        con = warehouse.connect(wh.duckdb_path, memory_limit=wh.memory_limit)
-        try:
-            with make_progress(quiet=quiet) as progress:
-                result = sync(settings, con, transport=transport, progress=progress,
-                              full_refresh=full_refresh, allow_mass_delete=allow_mass_delete)
-            if settings.export.parquet_dir is not None:
-                _export_after_sync(settings, con, result)
-            return result
-        finally:
-            con.close()
-
-
-def _export_after_sync(settings: Settings, con, result: SyncResult) -> None:
-    """Refresh the Parquet export from the sync's committed state; the sync itself stands."""
-    from .export import export_parquet
-
-    try:
-        exported = export_parquet(settings, con=con)
-    except RunsEtlError as e:
-        err = RunsEtlError(f"sync {result.sync_id} was committed, but the Parquet export "
-                           f"failed: {e}")
-        err.exit_code = e.exit_code
-        raise err from e
-    log.info("%s", exported)
-
-
 def cmd_sync(args: argparse.Namespace) -> int:
+    from .jobs import run_sync
+
     settings = settings_from_args(args)
     setup_logging(settings.logging.format, settings.logging.level)
     try:
@@ -164,28 +131,28 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 
 def cmd_schedule(args: argparse.Namespace) -> int:
-    from .scheduler import run_scheduler
+    from .jobs import run_sync
+    from .ops.scheduler import run_scheduler
 
     settings = settings_from_args(args)
     setup_logging(settings.logging.format, settings.logging.level)
-    return run_scheduler(settings)
+    settings.api_key()  # a missing key fails the service at start, not every run after
+    return run_scheduler(settings, lambda s: run_sync(s, quiet=True))
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_parquet
+    from .jobs import run_export
 
     settings = settings_from_args(args)
     setup_logging(settings.logging.format, settings.logging.level)
-    wh = settings.warehouse
-    with writer_lock(wh.duckdb_path, wh.lock_wait, command="runs-etl export"):
-        result = export_parquet(settings)
+    result = run_export(settings)
     if not args.quiet:
         print(result)
     return EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .status import print_status
+    from .outputs.status import print_status
 
     settings = settings_from_args(args)
     print_status(settings, limit=args.limit)
@@ -193,7 +160,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import write_report
+    from .outputs.report import write_report
 
     settings = settings_from_args(args)
     path = write_report(settings, out=args.out)

@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from .config import load_settings
-from .feedback import summary_line
+from .engine.sync import summary_line
+from .jobs import run_sync
+from .outputs.report import write_report
 from .sim import Simulator
 
 DEMO_SEED = 42
@@ -26,9 +28,6 @@ QUERIES = [
 def run_demo(*, runs: int, out_dir: Path, quiet: bool = False) -> int:
     """Serve ``runs`` simulated runs on loopback, sync them, let the source move, sync again
     (incrementally), then export Parquet, write the report and say what to try."""
-    from .cli import run_sync  # the same path cron and the scheduler take
-    from .report import write_report
-
     out_dir = Path(out_dir)
     db = out_dir / "runs.duckdb"
     for stale in (db, db.with_name(db.name + ".wal")):  # each demo starts from scratch

@@ -1,6 +1,6 @@
 """Built-in simulator of the Noxus runs API (`GET /v1/runs`, `GET /v1/runs/{id}`) on loopback.
 
-It serves deterministic, realistic runs (made by `simdata`), can change them in the middle of a
+It serves deterministic, realistic runs (made by `data`), can change them in the middle of a
 walk and inject faults, so the ETL is tested against a real HTTP stack. `python -m runs_etl.sim
 --help` serves one.
 """
@@ -27,7 +27,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Self
 from urllib.parse import parse_qsl, urlsplit
 
-from runs_etl.simdata import _US, TERMINAL, Workspace, _dump, _sort_key, _to_us
+from ..engine.models import TERMINAL_STATUSES
+from .data import _US, Workspace, _dump, _sort_key, _to_us
 
 DEFAULT_SIZE = 50
 MAX_SIZE = 100
@@ -112,7 +113,7 @@ class Simulator:
                 r = self._ws.fresh_run(self._clock, status)
                 self._clock = r.created
                 self._runs[r.id] = r
-                if status not in TERMINAL:
+                if status not in TERMINAL_STATUSES:
                     self._open[r.id] = r
                 if self.order == "newest":
                     bisect.insort(self._order, r, key=_sort_key)
@@ -133,7 +134,7 @@ class Simulator:
             for r in todo:
                 self._clock += 1000
                 self._ws.advance(r, self._clock)
-                if r.status in TERMINAL:
+                if r.status in TERMINAL_STATUSES:
                     del self._open[r.id]
             return [r.id for r in todo]
 
@@ -394,6 +395,3 @@ def main(argv: list[str] | None = None) -> int:
             pass
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from .errors import LockedError, WarehouseError
+from ..errors import LockedError, WarehouseError
 
 log = logging.getLogger("runs_etl.lock")
 

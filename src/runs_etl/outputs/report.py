@@ -15,9 +15,10 @@ from datetime import UTC, date, datetime
 from html import escape
 from pathlib import Path
 
-from .config import Settings
-from .errors import RunsEtlError, WarehouseError
-from .status import human_age, open_read_only
+from ..config import Settings
+from ..errors import RunsEtlError, WarehouseError
+from ..warehouse.connect import open_read_only
+from .status import human_age
 
 DEFAULT_NAME = "report.html"
 DAYS_SHOWN = 90  # daily charts show the last 90 days that have runs
@@ -379,7 +380,7 @@ def write_report(settings: Settings, out: Path | None = None, con=None) -> Path:
     db = Path(settings.warehouse.duckdb_path)
     out = Path(out) if out is not None else db.parent / DEFAULT_NAME
     owned = con is None
-    con = open_read_only(settings) if owned else con
+    con = open_read_only(settings.warehouse) if owned else con
     try:
         data = collect(con, settings.analytics.stuck_after.total_seconds())
     finally:

@@ -13,9 +13,10 @@ import random
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-TERMINAL = frozenset({"completed", "failed", "stopped"})
+from ..engine.models import TERMINAL_STATUSES
+
 _OPEN = ("queued", "running", "awaiting_human_feedback")
-_STATUS_JSON = {s: f'"{s}"' for s in (*TERMINAL, *_OPEN)}
+_STATUS_JSON = {s: f'"{s}"' for s in (*TERMINAL_STATUSES, *_OPEN)}
 _US = 1_000_000
 _DAY = 86400 * _US
 _EPOCH = datetime(1970, 1, 1)
@@ -258,7 +259,7 @@ class Workspace:
         created = clock + (1000 if _STYLES[style][3] else _US - clock % _US)
         return self.new_run(self.pick_wf(live=True), created, status,
                             100 if status == "completed" else 0,
-                            created if status in TERMINAL else None, style)
+                            created if status in TERMINAL_STATUSES else None, style)
 
     def advance(self, r: _Run, clock: int) -> None:
         """Move an open run one step at `clock`: queued -> running -> completed or failed."""
@@ -312,7 +313,7 @@ class Workspace:
                     status = "awaiting_human_feedback" if rng.random() < 0.1 else "running"
                 r = self.new_run(wi, created, status, progress, None, style)
             runs[r.id] = r
-            if r.status not in TERMINAL:
+            if r.status not in TERMINAL_STATUSES:
                 open_[r.id] = r
         old = [r for r in runs.values() if now - r.created > 2 * _DAY]
         for r in rng.sample(old, min(len(old), 5, max(1, n // 300))):  # stuck: running for days

@@ -34,13 +34,13 @@ from pathlib import Path
 import duckdb
 from filelock import FileLock, Timeout
 
-from .config import Settings
-from .errors import ConfigError, LockedError, WarehouseError
-from .status import open_read_only
+from ..config import Settings
+from ..engine.staging import STAGING_PREFIX
+from ..errors import ConfigError, LockedError, WarehouseError
+from ..warehouse.connect import open_read_only
 
 CURRENT = "current"
 VERSIONS = "versions"
-STAGING_PREFIX = ".staging-"
 LOCK_FILE = ".export.lock"
 MANIFEST = "_manifest.json"
 LOCK_WAIT_SECONDS = 600.0  # a second exporter waits for the first instead of racing it
@@ -91,7 +91,7 @@ def export_parquet(settings: Settings, con=None) -> ExportResult:
     """
     root = export_root(settings)
     owned = con is None
-    con = open_read_only(settings) if owned else con
+    con = open_read_only(settings.warehouse) if owned else con
     try:
         lock = _prepare(root)
         try:

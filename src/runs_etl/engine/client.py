@@ -15,17 +15,19 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from enum import Enum
+from typing import Any, TypeVar
 
 import httpx
 
-from .config import Settings
-from .errors import (
-    ApiError,
+from ..config import Settings
+from ..errors import (
     AuthError,
     FatalApiError,
     RetryableApiError,
 )
 from .models import EnvelopeError, ParsedPage, Run, parse_page, parse_run
+
+T = TypeVar("T")
 
 RUNS_PATH = "/v1/runs"
 USER_AGENT = "runs-etl/0.1"
@@ -82,6 +84,17 @@ class RequestStats:
     list_requests: int = 0
     single_requests: int = 0
     last_request_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Response:
+    """One HTTP response, read whole."""
+
+    status: int
+    body: bytes
+    request_id: str | None
+    retry_after: float | None  # seconds the server asked us to wait, if it did
+    seq: int  # order of arrival
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,78 +160,88 @@ class ApiClient:
     async def fetch_page(self, number: int) -> FetchedPage:
         """One page, retried until it is a valid envelope; bad records are rejected, not fatal."""
         params = {"page": number, "size": self.page_size}
-        parsed, nbytes, request_id, seq = await self._get(RUNS_PATH, params, page=number,
-                                                          parse=parse_page)
+        parsed, response = await self._get(RUNS_PATH, params, page=number, parse=parse_page)
         self.stats.list_requests += 1
-        return FetchedPage(number, seq, parsed, request_id, nbytes)
+        assert parsed is not None  # only single-run requests may be missing
+        return FetchedPage(number, response.seq, parsed, response.request_id, len(response.body))
 
     async def fetch_run(self, run_id: str) -> Run | None:
         """``GET /v1/runs/{id}``; None when the run no longer exists (404)."""
         try:
-            run, *_ = await self._get(f"{RUNS_PATH}/{run_id}", None, page=None,
-                                      parse=parse_run, missing_ok=True)
-        except _Missing:
-            return None
+            run, _ = await self._get(f"{RUNS_PATH}/{run_id}", None, page=None, parse=parse_run,
+                                     missing_ok=True)
         finally:
             self.stats.single_requests += 1
         return run
 
-    async def _get(self, path, params, *, page, parse, missing_ok=False):
-        """GET with retries; returns (parsed body, body size, request id, arrival seq)."""
+    async def _get(self, path: str, params: dict | None, *, page: int | None,
+                   parse: Callable[[bytes], T], missing_ok: bool = False
+                   ) -> tuple[T | None, _Response]:
+        """GET with retries: the parsed body (None for a 404 when ``missing_ok``) and the
+        response it came from. Raises the last retryable error once attempts run out."""
         url = f"{self.http.base_url}{path}"
-        last: ApiError | None = None
+        last: RetryableApiError | None = None
         for attempt in range(1, self.max_attempts + 1):
-            if attempt > 1:
+            if last is not None:
                 self.stats.retries += 1
-                assert last is not None
-                await self.sleep(self.backoff(attempt - 1, getattr(last, "retry_after", None)))
+                await self.sleep(self.backoff(attempt - 1, last.retry_after))
             try:
-                async with self._slots:
-                    self.stats.requests += 1
-                    # Streamed, so the body is ours alone: httpx keeps a read body on the
-                    # Response, which sits in reference cycles until the cycle collector runs
-                    # (measured: ~90 MB of page bodies held at 100k runs).
-                    async with self.http.stream("GET", path, params=params) as response:
-                        body = b"".join([chunk async for chunk in response.aiter_bytes()])
-                    seq = next(self._seq)
-            except httpx.TimeoutException as e:
-                last = RetryableApiError(f"timeout fetching {url}: {type(e).__name__}",
-                                         url=url, page=page)
-                continue
-            except httpx.TransportError as e:
-                last = RetryableApiError(f"cannot reach {url}: {e or type(e).__name__}",
-                                         url=url, page=page)
-                continue
-            request_id = response.headers.get("x-request-id")
-            self.stats.last_request_id = request_id or self.stats.last_request_id
-            self.stats.bytes += len(body)
-            kw = dict(url=url, status=response.status_code, page=page, request_id=request_id)
-            outcome = classify(response.status_code)
-            if outcome is Outcome.OK:
-                try:
-                    return parse(body), len(body), request_id, seq
-                except EnvelopeError as e:
-                    last = RetryableApiError(f"malformed response from {url}: {e}", **kw)
-                    continue
-            if outcome is Outcome.AUTH:
-                raise AuthError(
-                    "the API rejected the API key: check RUNS_ETL_API_KEY "
-                    "(or RUNS_ETL_API_KEY_FILE / [api] key) for this workspace", **kw)
-            if outcome is Outcome.NOT_FOUND and missing_ok:
-                raise _Missing()
-            if outcome is Outcome.RETRY:
-                last = RetryableApiError(
-                    f"{url} answered {response.status_code}",
-                    retry_after=parse_retry_after(response.headers.get("retry-after")), **kw)
-                continue
-            raise FatalApiError(f"{url} answered {response.status_code}: {_detail(body)}", **kw)
+                response = await self._send(path, params, url=url, page=page)
+                return self._judge(response, parse, url=url, page=page,
+                                   missing_ok=missing_ok), response
+            except RetryableApiError as e:
+                last = e
         assert last is not None
-        raise type(last)(f"giving up: {last.message}", url=last.url, status=last.status,
-                         page=last.page, request_id=last.request_id, attempts=self.max_attempts)
+        raise RetryableApiError(f"giving up: {last.message}", url=last.url, status=last.status,
+                                page=last.page, request_id=last.request_id,
+                                attempts=self.max_attempts)
 
+    async def _send(self, path: str, params: dict | None, *, url: str,
+                    page: int | None) -> _Response:
+        """One attempt on the wire, within the concurrency budget; transport failures are
+        retryable."""
+        try:
+            async with self._slots:
+                self.stats.requests += 1
+                # Streamed, so the body is ours alone: httpx keeps a read body on the Response,
+                # which sits in reference cycles until the cycle collector runs (measured: ~90
+                # MB of page bodies held at 100k runs).
+                async with self.http.stream("GET", path, params=params) as response:
+                    body = b"".join([chunk async for chunk in response.aiter_bytes()])
+                seq = next(self._seq)
+        except httpx.TimeoutException as e:
+            raise RetryableApiError(f"timeout fetching {url}: {type(e).__name__}", url=url,
+                                    page=page) from None
+        except httpx.TransportError as e:
+            raise RetryableApiError(f"cannot reach {url}: {e or type(e).__name__}", url=url,
+                                    page=page) from None
+        request_id = response.headers.get("x-request-id")
+        self.stats.last_request_id = request_id or self.stats.last_request_id
+        self.stats.bytes += len(body)
+        return _Response(response.status_code, body, request_id,
+                         parse_retry_after(response.headers.get("retry-after")), seq)
 
-class _Missing(Exception):
-    pass
+    def _judge(self, response: _Response, parse: Callable[[bytes], T], *, url: str,
+               page: int | None, missing_ok: bool) -> T | None:
+        """What a response means (see ``classify``): the parsed body, None for a run that is
+        gone, or the error to raise (``RetryableApiError`` is retried by ``_get``)."""
+        kw: dict[str, Any] = dict(url=url, status=response.status, page=page,
+                                  request_id=response.request_id)
+        outcome = classify(response.status)
+        if outcome is Outcome.OK:
+            try:
+                return parse(response.body)
+            except EnvelopeError as e:
+                raise RetryableApiError(f"malformed response from {url}: {e}", **kw) from None
+        if outcome is Outcome.AUTH:
+            raise AuthError("the API rejected the API key: check RUNS_ETL_API_KEY "
+                            "(or RUNS_ETL_API_KEY_FILE / [api] key) for this workspace", **kw)
+        if outcome is Outcome.NOT_FOUND and missing_ok:
+            return None
+        if outcome is Outcome.RETRY:
+            raise RetryableApiError(f"{url} answered {response.status}",
+                                    retry_after=response.retry_after, **kw)
+        raise FatalApiError(f"{url} answered {response.status}: {_detail(response.body)}", **kw)
 
 
 def _detail(body: bytes) -> str:

@@ -8,14 +8,49 @@ failure in its own transaction after the rollback.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-LEDGER_FIELDS = (
-    "mode", "mode_reason", "verified", "walk_passes", "pages", "requests", "single_run_requests",
-    "retries", "bytes", "total_start", "total_end", "runs_seen", "rows_new", "rows_updated",
-    "rows_unchanged", "rows_deleted", "rows_undeleted", "rows_rejected", "workflows_new",
-    "workflows_updated", "seconds_extract", "seconds_load", "seconds_total", "error",
-)
+
+@dataclass
+class SyncResult:
+    """What one sync did: one ``sync_runs`` row, column for column."""
+
+    sync_id: int
+    outcome: str = "running"
+    mode: str = "full"
+    mode_reason: str = ""
+    verified: bool = False
+    walk_passes: int = 0
+    pages: int = 0
+    requests: int = 0
+    single_run_requests: int = 0
+    retries: int = 0
+    bytes: int = 0
+    total_start: int | None = None
+    total_end: int | None = None
+    runs_seen: int = 0
+    rows_new: int = 0
+    rows_updated: int = 0
+    rows_unchanged: int = 0
+    rows_deleted: int = 0
+    rows_undeleted: int = 0
+    rows_rejected: int = 0
+    workflows_new: int = 0
+    workflows_updated: int = 0
+    seconds_extract: float = 0.0
+    seconds_load: float = 0.0
+    seconds_total: float = 0.0
+    error: str | None = None
+
+    def ledger_fields(self) -> dict:
+        """The counters ``close_attempt`` writes (the key and the outcome are set apart)."""
+        return {k: v for k, v in asdict(self).items() if k in LEDGER_FIELDS}
+
+
+# Columns of ``sync_runs`` a sync fills in as it ends; the rest (started_at, finished_at,
+# api_url) are the ledger's own.
+LEDGER_FIELDS = tuple(f.name for f in fields(SyncResult) if f.name not in ("sync_id", "outcome"))
 
 
 def mark_abandoned(con) -> int:

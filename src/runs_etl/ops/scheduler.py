@@ -22,9 +22,9 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from .config import ScheduleSettings, Settings
-from .errors import EXIT_INTERRUPTED, EXIT_OK, ConfigError, LockedError, RunsEtlError
-from .feedback import log_failure
+from ..config import ScheduleSettings, Settings
+from ..errors import EXIT_INTERRUPTED, EXIT_OK, ConfigError, LockedError, RunsEtlError
+from .logs import log_failure
 
 log = logging.getLogger("runs_etl.scheduler")
 
@@ -103,13 +103,6 @@ def build_trigger(schedule: ScheduleSettings, tz: tzinfo):
                           ) from None
 
 
-def default_sync(settings: Settings):
-    """A scheduled run: the same locked sync as ``runs-etl sync``, which logs its summary line."""
-    from .cli import run_sync  # cli imports this module lazily; importing it here avoids a cycle
-
-    return run_sync(settings, quiet=True)
-
-
 class _Daemon:
     """The job, the stop flag and the signal handling of one ``run_scheduler`` call."""
 
@@ -166,15 +159,14 @@ class _Daemon:
         return previous
 
 
-def run_scheduler(settings: Settings, *, sync_fn: SyncFn | None = None,
+def run_scheduler(settings: Settings, sync_fn: SyncFn, *,
                   stop_event: threading.Event | None = None) -> int:
-    """Sync on ``settings.schedule`` until SIGTERM / SIGINT (or ``stop_event``); returns 0."""
+    """Call ``sync_fn(settings)`` on ``settings.schedule`` until SIGTERM / SIGINT (or
+    ``stop_event``); returns 0. ``runs-etl schedule`` passes ``jobs.run_sync``."""
     schedule = settings.schedule
     tz = _timezone(schedule.timezone)
     trigger = build_trigger(schedule, tz)
-    if sync_fn is None:
-        settings.api_key()  # a missing key fails the service at start, not every run after
-    daemon = _Daemon(settings, sync_fn or default_sync, stop_event or threading.Event())
+    daemon = _Daemon(settings, sync_fn, stop_event or threading.Event())
     scheduler = BackgroundScheduler(timezone=tz, executors={"default": ThreadPoolExecutor(1)})
     daemon.scheduler = scheduler
     first_run = {"next_run_time": datetime.now(tz)} if schedule.run_at_start else {}

@@ -1,45 +1,21 @@
-"""``runs-etl status``: the last syncs from the ledger, row counts and freshness, as tables.
-
-Also home of ``open_read_only``, the read-only way into the warehouse that ``export`` and
-``report`` share: it never creates a file and never takes the writer's lock.
-"""
+"""``runs-etl status``: the last syncs from the ledger, row counts and freshness, as tables."""
 
 from __future__ import annotations
 
 import sys
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import TextIO
 
 from rich.console import Console
 from rich.table import Table
 
-from . import warehouse
-from .config import Settings
-from .errors import WarehouseError
+from ..config import Settings
+from ..warehouse.connect import open_read_only
+from ..warehouse.views import TERMINAL_SQL
 
 DEFAULT_LIMIT = 10
-REQUIRED_TABLES = ("runs", "workflows", "run_nodes", "sync_runs")
-TERMINAL_STATUSES = ("completed", "failed", "stopped")
 NON_TTY_WIDTH = 160  # cron mail and pipes get the whole table, not 80 squeezed columns
 ERROR_WIDTH = 70
-
-
-def open_read_only(settings: Settings):
-    """Open the warehouse read-only; a missing file or a file that is not ours is WarehouseError."""
-    path = Path(settings.warehouse.duckdb_path)
-    if not path.is_file():
-        raise WarehouseError(f"no warehouse at {path}: run `runs-etl sync` first, or point "
-                             "--duckdb-path / RUNS_ETL_DUCKDB_PATH at an existing database")
-    con = warehouse.connect(path, read_only=True, memory_limit=settings.warehouse.memory_limit)
-    tables = {t for (t,) in con.execute(
-        "SELECT table_name FROM duckdb_tables() WHERE schema_name = 'main'").fetchall()}
-    missing = [t for t in REQUIRED_TABLES if t not in tables]
-    if missing:
-        con.close()
-        raise WarehouseError(f"{path} is not a runs-etl warehouse (no {', '.join(missing)} "
-                             "table): run `runs-etl sync` first")
-    return con
 
 
 def human_age(seconds: float | None) -> str:
@@ -65,12 +41,11 @@ def _num(v) -> str:
 
 def row_counts(con) -> list[tuple[str, int]]:
     """Rows per table, live and soft-deleted runs apart, plus the runs still open."""
-    terminal = ", ".join(f"'{s}'" for s in TERMINAL_STATUSES)
     live, deleted, open_ = con.execute(f"""
         SELECT count(*) FILTER (WHERE _deleted_at IS NULL),
                count(*) FILTER (WHERE _deleted_at IS NOT NULL),
                count(*) FILTER (WHERE _deleted_at IS NULL
-                                AND coalesce(status NOT IN ({terminal}), true))
+                                AND coalesce(status NOT IN {TERMINAL_SQL}, true))
         FROM runs""").fetchall()[0]
     counts = [("runs (live)", live), ("runs (deleted at source)", deleted),
               ("runs still open", open_)]
@@ -123,7 +98,7 @@ def print_status(settings: Settings, limit: int = DEFAULT_LIMIT,
     """Print freshness, rows per table and the last ``limit`` syncs; opens the DB read-only."""
     out = stream or sys.stdout
     console = Console(file=out, width=None if out.isatty() else NON_TTY_WIDTH, highlight=False)
-    con = open_read_only(settings)
+    con = open_read_only(settings.warehouse)
     try:
         (version,) = con.execute("SELECT max(version) FROM schema_migrations").fetchall()[0]
         console.print(f"Warehouse [bold]{settings.warehouse.duckdb_path}[/] "

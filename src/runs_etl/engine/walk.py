@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
 
+from ..errors import WalkError
 from .client import ApiClient, FetchedPage
-from .errors import WalkError
 from .models import utc
 
 
@@ -63,6 +63,15 @@ class Progress(Protocol):
 
 
 class NullProgress:
+    """Progress that shows nothing (quiet runs, cron, tests); also a context manager, like the
+    console's bar."""
+
+    def __enter__(self) -> NullProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
     def start_pass(self, number: int, pages: int | None) -> None:
         pass
 

@@ -23,9 +23,9 @@ import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from . import ledger
+from ..config import Settings
+from ..warehouse import ledger
 from .client import ApiClient, FetchedPage
-from .config import Settings
 from .load import check_mass_delete
 from .models import TERMINAL_STATUSES, ParsedPage, utc
 from .walk import NullProgress, Progress, WalkReport, full_walk, head_walk
@@ -35,7 +35,6 @@ log = logging.getLogger("runs_etl.extract")
 STATE_ORDER = "source_order"
 STATE_LAST_FULL = "last_verified_full_walk_at"
 NEWEST_FIRST = "newest_first"
-_TERMINAL_SQL = ", ".join(f"'{s}'" for s in sorted(TERMINAL_STATUSES))
 
 
 @dataclass
@@ -52,7 +51,7 @@ class Extracted:
     mode: str
     reason: str
     walk: WalkReport
-    full_walk: bool  # every page was walked (deletes may apply if verified)
+    walked_all: bool  # every page was walked (deletes may apply if verified)
     missing_ids: list[str] = field(default_factory=list)  # 404 on GET /v1/runs/{id}
 
 
@@ -117,7 +116,7 @@ async def extract(plan: Plan, client: ApiClient, sink, reader, settings: Setting
         report = await full_walk(client, sink, max_passes=settings.sync.max_walk_passes,
                                  progress=progress, **walk_kw)
         extracted = Extracted(plan.mode, f"{plan.reason}; {report.reason}", report, True)
-    if extracted.full_walk and extracted.walk.verified:
+    if extracted.walked_all and extracted.walk.verified:
         await _confirm_absent(extracted, client, sink, settings, allow_mass_delete)
     return extracted
 
@@ -126,15 +125,12 @@ async def _confirm_absent(extracted: Extracted, client: ApiClient, sink, setting
                           allow_mass_delete: bool) -> None:
     """Live runs a verified walk did not see are deletion candidates; each is confirmed by id
     (404 = gone) before anything is marked, so a walk fooled by the source cannot delete."""
-    con = sink.stage.con
-    candidates, live = await asyncio.to_thread(lambda: (
-        [r[0] for r in con.execute("SELECT id FROM runs WHERE _deleted_at IS NULL "
-                                   "AND id NOT IN (SELECT id FROM stage_runs)").fetchall()],
-        con.execute("SELECT count(*) FROM runs WHERE _deleted_at IS NULL").fetchall()[0][0]))
+    candidates = await sink.unstaged_live_ids()
     if not candidates:
         return
     if not allow_mass_delete:
-        check_mass_delete(len(candidates), live, settings.sync.max_delete_fraction)
+        check_mass_delete(len(candidates), await sink.live_count(),
+                          settings.sync.max_delete_fraction)
     fetched = await asyncio.gather(*(client.fetch_run(i) for i in candidates))
     found = [r for r in fetched if r is not None]
     extracted.missing_ids.extend(i for i, r in zip(candidates, fetched) if r is None)
@@ -149,18 +145,16 @@ async def _confirm_absent(extracted: Extracted, client: ApiClient, sink, setting
 
 def _count_settled(reader, ids: list[str]) -> int:
     (n,) = reader.execute(
-        f"SELECT count(*) FROM runs WHERE id IN (SELECT unnest($ids)) AND _deleted_at IS NULL "
-        f"AND status IN ({_TERMINAL_SQL})", {"ids": ids}).fetchall()[0]
+        "SELECT count(*) FROM runs WHERE id IN (SELECT unnest($ids)) AND _deleted_at IS NULL "
+        "AND status IN (SELECT unnest($terminal))",
+        {"ids": ids, "terminal": list(TERMINAL_STATUSES)}).fetchall()[0]
     return n
 
 
 async def _refresh_open(plan: Plan, report: WalkReport, client: ApiClient, sink,
                         settings: Settings, progress: Progress) -> Extracted:
     """Open runs the head walk did not reach: one request each, or a full walk if cheaper."""
-    con = sink.stage.con
-    open_ids = await asyncio.to_thread(lambda: [r[0] for r in con.execute(f"""
-        SELECT id FROM runs WHERE _deleted_at IS NULL AND status NOT IN ({_TERMINAL_SQL})
-          AND id NOT IN (SELECT id FROM stage_runs)""").fetchall()])
+    open_ids = await sink.unstaged_live_ids(open_only=True)
     total = report.total_end if report.total_end is not None else report.total_start
     remaining = (math.ceil(total / client.page_size) - report.pages) if total is not None \
         else math.inf

@@ -1,9 +1,9 @@
-"""One sync: extract (walk the API), stage pages as Parquet batches, merge, and commit once.
+"""One sync, orchestrated: plan, extract (walk the API into staging), load (merge), commit once.
 
-``sync(settings, con)`` is what the CLI, the scheduler and the tests call. Fetching is async and
-concurrent; validation happens as pages arrive; one consumer task normalizes and stages batches
-in a worker thread behind a bounded queue, so at most about ``2 * batch_pages`` pages (plus those
-in flight) are ever held in memory.
+``sync(settings, con)`` is what ``jobs.run_sync`` and the tests call. Fetching is async and
+concurrent; pages are validated as they arrive and staged as Parquet by ``staging.StagingSink``
+behind a bounded queue, so at most about ``2 * batch_pages`` pages (plus those in flight) are
+ever held in memory. Everything the sync writes to the warehouse lands in one transaction.
 """
 
 from __future__ import annotations
@@ -13,17 +13,20 @@ import gc
 import logging
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from datetime import UTC, datetime
 
 import duckdb
 import httpx
-import pyarrow as pa
 
-from . import ledger, warehouse
-from .client import ApiClient, FetchedPage
-from .config import Settings
-from .errors import DataError, WarehouseError
+from ..config import Settings
+from ..errors import DataError, WarehouseError
+from ..warehouse import ledger
+from ..warehouse.ledger import SyncResult
+from ..warehouse.migrations import migrate
+from ..warehouse.views import apply_views, store_view_settings
+from . import load
+from .client import ApiClient
 from .extract import (
     NEWEST_FIRST,
     STATE_LAST_FULL,
@@ -33,139 +36,10 @@ from .extract import (
     extract,
     plan_sync,
 )
-from .feedback import summary_line
-from .load import REJECTED_SCHEMA, Stage, staging_root
-from .normalize import normalize
-from .walk import NullProgress, PassStats, Progress
+from .staging import Stage, StagingSink, staging_root
+from .walk import NullProgress, Progress
 
 log = logging.getLogger("runs_etl.sync")
-
-
-@dataclass
-class SyncResult:
-    """What one sync did; mirrors its ``sync_runs`` row."""
-
-    sync_id: int
-    outcome: str = "running"
-    mode: str = "full"
-    mode_reason: str = ""
-    verified: bool = False
-    walk_passes: int = 0
-    pages: int = 0
-    requests: int = 0
-    single_run_requests: int = 0
-    retries: int = 0
-    bytes: int = 0
-    total_start: int | None = None
-    total_end: int | None = None
-    runs_seen: int = 0
-    rows_new: int = 0
-    rows_updated: int = 0
-    rows_unchanged: int = 0
-    rows_deleted: int = 0
-    rows_undeleted: int = 0
-    rows_rejected: int = 0
-    workflows_new: int = 0
-    workflows_updated: int = 0
-    seconds_extract: float = 0.0
-    seconds_load: float = 0.0
-    seconds_total: float = 0.0
-    error: str | None = None
-    phases: dict = field(default_factory=dict)
-
-    def ledger_fields(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k in ledger.LEDGER_FIELDS}
-
-
-class StagingSink:
-    """Stages fetched pages into DuckDB ``batch_pages`` at a time, off the fetching path.
-
-    Fetch workers only enqueue; one consumer task validates nothing and blocks nobody while it
-    normalizes and inserts a batch in a worker thread. The bounded queue is the backpressure that
-    keeps memory flat when DuckDB is slower than the network.
-    """
-
-    def __init__(self, stage: Stage, batch_pages: int):
-        self.stage = stage
-        self.batch_pages = batch_pages
-        self.seconds = 0.0
-        self._queue: asyncio.Queue | None = None
-        self._consumer: asyncio.Task | None = None
-
-    def _ensure_consumer(self) -> tuple[asyncio.Queue, asyncio.Task]:
-        if self._queue is None or self._consumer is None:
-            self._queue = asyncio.Queue(maxsize=self.batch_pages)
-            self._consumer = asyncio.ensure_future(self._consume(self._queue))
-        return self._queue, self._consumer
-
-    async def put(self, page: FetchedPage) -> None:
-        queue, consumer = self._ensure_consumer()
-        if consumer.done():  # it failed: surface its error instead of queueing forever
-            consumer.result()
-        await queue.put(page)
-
-    async def flush(self) -> None:
-        """Wait until everything queued so far is staged (and raise what staging raised)."""
-        queue, consumer = self._ensure_consumer()
-        done: asyncio.Future = asyncio.get_running_loop().create_future()
-        await queue.put(done)
-        await asyncio.wait([done, consumer], return_when=asyncio.FIRST_COMPLETED)
-        if consumer.done():
-            consumer.result()
-        await done
-
-    async def aclose(self) -> None:
-        if self._consumer is not None:
-            self._consumer.cancel()
-            await asyncio.gather(self._consumer, return_exceptions=True)
-
-    async def _consume(self, queue: asyncio.Queue) -> None:
-        buffer: list[FetchedPage] = []
-        while True:
-            item = await queue.get()
-            if isinstance(item, asyncio.Future):
-                if buffer:
-                    await self._stage(buffer)
-                    buffer = []
-                item.set_result(None)
-                continue
-            buffer.append(item)
-            if len(buffer) >= self.batch_pages:
-                await self._stage(buffer)
-                buffer = []
-
-    async def _stage(self, pages: list[FetchedPage]) -> None:
-        """Normalize on the event loop (it needs the GIL anyway: a thread would only add
-        switching), then write the Parquet files in a thread (pyarrow releases the GIL)."""
-        t0 = time.perf_counter()
-        runs: list = []
-        seqs: list[int] = []
-        rejected: list[tuple] = []
-        for p in pages:
-            runs.extend(p.parsed.runs)
-            seqs.extend([p.seq] * len(p.parsed.runs))
-            rejected.extend((p.number, r.index, r.run_id, r.error, r.raw, p.seq)
-                            for r in p.parsed.rejected)
-        rejected_table = None
-        if rejected:
-            rejected_table = pa.table(dict(zip(REJECTED_SCHEMA.names, map(list, zip(*rejected)))),
-                                      schema=REJECTED_SCHEMA)
-        batch = normalize(runs, seqs)
-        await asyncio.to_thread(self.stage.add, batch, rejected_table)
-        self.seconds += time.perf_counter() - t0
-
-    async def pass_stats(self, first_seq: int, last_seq: int,
-                         newest_before: datetime | None = None,
-                         head: datetime | None = None) -> PassStats:
-        return await asyncio.to_thread(self._pass_stats, first_seq, last_seq, newest_before,
-                                       head)
-
-    def _pass_stats(self, lo: int, hi: int, newest_before: datetime | None,
-                    head: datetime | None) -> PassStats:
-        return PassStats(self.stage.distinct_between(lo, hi),
-                         self.stage.old_discoveries(lo, hi, newest_before),
-                         self.stage.distinct_between(lo, hi, not_newer_than=head)
-                         if head is not None else 0)
 
 
 async def _extract(settings: Settings, plan: Plan, sink: StagingSink, reader, result: SyncResult,
@@ -210,7 +84,7 @@ def _sync(settings: Settings, con, transport, progress, full_refresh: bool,
           allow_mass_delete: bool) -> SyncResult:
     settings.api_key()  # fail on a missing key before touching the warehouse
     t_start = time.perf_counter()
-    warehouse.migrate(con)
+    migrate(con)
     ledger.mark_abandoned(con)
     plan = plan_sync(con, settings, full_refresh=full_refresh)
     result = SyncResult(sync_id=ledger.open_attempt(con, settings.api.url), mode=plan.mode,
@@ -246,6 +120,7 @@ def _sync(settings: Settings, con, transport, progress, full_refresh: bool,
         reader.close()
         if stage is not None:
             stage.close()
+            load.drop_work_tables(con)
     log.info("%s", summary_line(result),
              extra={"event": "sync_finished", "sync_id": result.sync_id,
                     "outcome": result.outcome, "sync": result.ledger_fields()})
@@ -267,7 +142,7 @@ def _record_walk(result: SyncResult, extracted: Extracted) -> None:
     report = extracted.walk
     result.mode, result.mode_reason = extracted.mode, extracted.reason
     result.walk_passes, result.pages = report.passes, report.pages
-    result.verified = extracted.full_walk and report.verified
+    result.verified = extracted.walked_all and report.verified
     result.total_start, result.total_end = report.total_start, report.total_end
 
 
@@ -285,18 +160,37 @@ def _finish_load(stage: Stage, settings: Settings, result: SyncResult, extracted
             f"({rejected / received:.1%} > sync.max_reject_fraction "
             f"{settings.sync.max_reject_fraction:.1%}); nothing was committed. First problem: "
             + con.execute("SELECT error FROM stage_rejected LIMIT 1").fetchall()[0][0])
-    for k, v in asdict(stage.merge()).items():
+    for k, v in asdict(load.merge(con, result.sync_id)).items():
         setattr(result, k, v)
     # Only runs confirmed gone (404 by id) are deleted; see extract.py for how they are found.
-    result.rows_deleted = stage.mark_deleted(
-        extracted.missing_ids,
+    result.rows_deleted = load.mark_deleted(
+        con, result.sync_id, extracted.missing_ids,
         max_fraction=None if allow_mass_delete else settings.sync.max_delete_fraction)
-    stage.save_rejected()
-    warehouse.apply_views(con, settings=settings)
-    if extracted.full_walk and extracted.walk.newest_first is not None:
+    load.save_rejected(con, result.sync_id)
+    store_view_settings(con, settings)
+    apply_views(con)
+    if extracted.walked_all and extracted.walk.newest_first is not None:
         ledger.set_state(con, STATE_ORDER,
                          NEWEST_FIRST if extracted.walk.newest_first else "unordered")
     elif extracted.walk.newest_first is False:
         ledger.set_state(con, STATE_ORDER, "unordered")
     if result.verified:
         ledger.set_state(con, STATE_LAST_FULL, datetime.now(UTC).isoformat())
+
+
+def summary_line(result: SyncResult) -> str:
+    """The one line per sync that cron mails and log search find."""
+    # Only a full walk can be verified complete; an incremental one is partial by design.
+    if result.mode == "incremental" and not result.verified:
+        how = ""
+    else:
+        how = "verified: " if result.verified else "UNVERIFIED: "
+    return (
+        f"sync {result.sync_id} {result.outcome}: mode={result.mode} ({how}"
+        f"{result.mode_reason}) pages={result.pages} requests={result.requests} "
+        f"retries={result.retries} runs={result.runs_seen} new={result.rows_new} "
+        f"updated={result.rows_updated} unchanged={result.rows_unchanged} "
+        f"deleted={result.rows_deleted} rejected={result.rows_rejected} "
+        f"extract={result.seconds_extract:.2f}s load={result.seconds_load:.2f}s "
+        f"total={result.seconds_total:.2f}s"
+    )

@@ -62,6 +62,11 @@ RUN_NODES_SCHEMA = pa.schema([
 ])
 
 
+def data_columns(schema: pa.Schema) -> list[str]:
+    """The columns a schema carries from the API (``_seq`` and other ``_`` columns are ours)."""
+    return [name for name in schema.names if not name.startswith("_")]
+
+
 @dataclass(frozen=True, slots=True)
 class Batch:
     runs: pa.Table

@@ -1,17 +1,17 @@
-"""DuckDB warehouse: opening the file, the versioned schema, and the views in ``sql/``.
+"""The warehouse's versioned schema: each migration is applied once, in its own transaction.
 
-Upserts live in ``load.py``; both run inside the sync's single transaction, so a kill at any
-instant leaves the previous good commit.
+Migrations are history: once released, a migration's DDL never changes (a new column is a new
+migration). The column lists the engine writes are derived from the Arrow schemas in
+``engine/normalize.py`` and the ledger's ``SyncResult``; ``tests/test_load.py`` checks that the
+migrated tables carry exactly those columns.
 """
 
 from __future__ import annotations
 
-import importlib.resources
-from pathlib import Path
-
 import duckdb
 
-from .errors import ConfigError, LockedError, WarehouseError
+from ..errors import WarehouseError
+from .connect import first_line
 
 MIGRATIONS: list[tuple[int, str, str]] = [
     (1, "core tables", """
@@ -45,36 +45,6 @@ MIGRATIONS: list[tuple[int, str, str]] = [
 ]
 
 
-
-def connect(path: Path, *, memory_limit: str = "256MB", read_only: bool = False):
-    """Open (creating its folder) the warehouse; a file held by another process is LockedError."""
-    path = Path(path)
-    try:
-        if not read_only:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        con = duckdb.connect(str(path), read_only=read_only)
-    except duckdb.IOException as e:
-        raise LockedError(
-            f"cannot open {path}: another process has the database open ({_first_line(e)}). "
-            "Close DuckDB shells / notebooks on this file, or point analysts at the Parquet export"
-        ) from None
-    except (duckdb.Error, OSError) as e:
-        raise WarehouseError(f"cannot open {path}: {_first_line(e)}") from None
-    try:
-        con.execute(f"SET memory_limit = '{memory_limit}'")
-        con.execute("SET preserve_insertion_order = false")
-        con.execute("SET TimeZone = 'UTC'")  # analysts see UTC, whatever the host's zone
-    except duckdb.Error as e:
-        con.close()
-        raise ConfigError([f"warehouse.memory_limit: {memory_limit!r} is not a DuckDB memory "
-                           f"size ({_first_line(e)})"]) from None
-    return con
-
-
-def _first_line(e: BaseException) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-
-
 def migrate(con) -> list[int]:
     """Apply pending migrations, each in its own transaction; return the versions applied."""
     con.execute("CREATE TABLE IF NOT EXISTS schema_migrations ("
@@ -91,30 +61,10 @@ def migrate(con) -> list[int]:
             con.commit()
         except duckdb.Error as e:
             con.rollback()
-            raise WarehouseError(f"migration {version} ({name}) failed: {_first_line(e)}") from None
+            raise WarehouseError(f"migration {version} ({name}) failed: {first_line(e)}") from None
         applied.append(version)
     latest = max(v for v, _, _ in MIGRATIONS)
     if done and max(done) > latest:
         raise WarehouseError(f"the warehouse is at schema version {max(done)}, newer than this "
                              f"runs-etl ({latest}): upgrade runs-etl")
     return applied
-
-
-def apply_views(con, *, settings=None) -> list[str]:
-    """(Re)create every view in ``sql/`` in file-name order; returns the file names.
-
-    With ``settings``, also stores ``analytics.stuck_after`` in ``sync_state`` (key
-    ``stuck_after_seconds``), the threshold the ``stuck_runs`` view reads (24 h while unset).
-    """
-    if settings is not None:
-        from . import ledger
-
-        ledger.set_state(con, "stuck_after_seconds",
-                         settings.analytics.stuck_after.total_seconds())
-    names = []
-    files = sorted((f for f in importlib.resources.files("runs_etl.sql").iterdir()
-                    if f.name.endswith(".sql")), key=lambda f: f.name)
-    for f in files:
-        con.execute(f.read_text(encoding="utf-8"))
-        names.append(f.name)
-    return names

@@ -1,0 +1,125 @@
+"""Load: merge one sync's staged snapshots into the warehouse tables, inside its transaction.
+
+The freshest snapshot of each run wins (highest arrival ``_seq``; a page holds each run once, see
+``models.parse_page``, so (id, _seq) is a key); an unchanged run is not rewritten. Deletes are
+soft (``_deleted_at``) and only for runs confirmed gone, behind a mass-delete breaker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import DataError
+from .normalize import RUNS_SCHEMA, WORKFLOWS_SCHEMA, data_columns
+
+RUN_COLUMNS = data_columns(RUNS_SCHEMA)
+WORKFLOW_COLUMNS = data_columns(WORKFLOWS_SCHEMA)
+
+
+@dataclass
+class MergeCounts:
+    rows_new: int = 0
+    rows_updated: int = 0
+    rows_unchanged: int = 0
+    rows_undeleted: int = 0
+    workflows_new: int = 0
+    workflows_updated: int = 0
+
+
+def _changed(cols: list[str], a: str, b: str) -> str:
+    return " OR ".join(f"{a}.{c} IS DISTINCT FROM {b}.{c}" for c in cols if c != "id")
+
+
+def _list(cols: list[str], prefix: str = "") -> str:
+    return ", ".join(prefix + c for c in cols)
+
+
+def check_mass_delete(n: int, live: int, max_fraction: float) -> None:
+    """The circuit breaker: refuse to mark more than ``max_fraction`` of live runs deleted."""
+    if n and n > max_fraction * live:
+        raise DataError(
+            f"refusing to mark {n} of {live} runs deleted ({n / live:.1%} > "
+            f"sync.max_delete_fraction {max_fraction:.1%}); nothing was committed. If the "
+            "source really lost them, run again with --allow-mass-delete")
+
+
+def merge(con, sync_id: int) -> MergeCounts:
+    """Upsert the freshest staged snapshot of every run and workflow."""
+    cols = RUN_COLUMNS
+    con.execute(f"""
+        CREATE OR REPLACE TEMP TABLE run_changes AS
+        WITH latest AS (SELECT id, max(_seq) AS _seq FROM stage_runs GROUP BY id),
+        cur AS (SELECT s.* FROM stage_runs s JOIN latest USING (id, _seq))
+        SELECT c.id, c._seq, r._first_seen_at,
+               CASE WHEN r.id IS NULL THEN 'new'
+                    WHEN r._deleted_at IS NOT NULL OR {_changed(cols, 'c', 'r')}
+                    THEN 'updated' ELSE 'unchanged' END AS change,
+               r._deleted_at IS NOT NULL AS undeleted
+        FROM cur c LEFT JOIN runs r USING (id)""")
+    con.execute("DELETE FROM runs WHERE id IN "
+                "(SELECT id FROM run_changes WHERE change = 'updated')")
+    con.execute(f"""
+        INSERT INTO runs ({_list(cols)}, _first_seen_at, _synced_at, _deleted_at, _sync_id)
+        SELECT {_list(cols, 's.')}, coalesce(d._first_seen_at, now()), now(), NULL, ?
+        FROM stage_runs s JOIN run_changes d ON s.id = d.id AND s._seq = d._seq
+        WHERE d.change <> 'unchanged'""", [sync_id])
+    con.execute("DELETE FROM run_nodes WHERE run_id IN "
+                "(SELECT id FROM run_changes WHERE change = 'updated')")
+    con.execute("""
+        INSERT INTO run_nodes (run_id, position, node_id)
+        SELECT n.run_id, n.position, n.node_id
+        FROM stage_nodes n JOIN run_changes d ON n.run_id = d.id AND n._seq = d._seq
+        WHERE d.change <> 'unchanged'""")
+    new, updated, unchanged, undeleted = con.execute("""
+        SELECT count(*) FILTER (change = 'new'), count(*) FILTER (change = 'updated'),
+               count(*) FILTER (change = 'unchanged'), count(*) FILTER (undeleted)
+        FROM run_changes""").fetchall()[0]
+    wf_new, wf_updated = _merge_workflows(con, sync_id)
+    return MergeCounts(new, updated, unchanged, undeleted, wf_new, wf_updated)
+
+def _merge_workflows(con, sync_id: int) -> tuple[int, int]:
+    cols = WORKFLOW_COLUMNS
+    con.execute(f"""
+        CREATE OR REPLACE TEMP TABLE wf_changes AS
+        WITH cur AS (SELECT * FROM stage_workflows
+                     QUALIFY row_number() OVER (PARTITION BY id ORDER BY _seq DESC) = 1)
+        SELECT c.*, w._first_seen_at AS _prev_first_seen, w.id IS NULL AS _is_new
+        FROM cur c LEFT JOIN workflows w USING (id)
+        WHERE w.id IS NULL OR {_changed(cols, 'c', 'w')}""")
+    con.execute("DELETE FROM workflows WHERE id IN "
+                "(SELECT id FROM wf_changes WHERE NOT _is_new)")
+    con.execute(f"""
+        INSERT INTO workflows ({_list(cols)}, _first_seen_at, _synced_at, _sync_id)
+        SELECT {_list(cols)}, coalesce(_prev_first_seen, now()), now(), ?
+        FROM wf_changes""", [sync_id])
+    return con.execute("SELECT count(*) FILTER (_is_new), count(*) FILTER (NOT _is_new) "
+                       "FROM wf_changes").fetchall()[0]
+
+def save_rejected(con, sync_id: int) -> int:
+    (n,) = con.execute("SELECT count(*) FROM stage_rejected").fetchall()[0]
+    con.execute("INSERT INTO rejected_records SELECT ?, page, item_index, run_id, "
+                     "error, raw, now() FROM stage_rejected", [sync_id])
+    return n
+
+def mark_deleted(con, sync_id: int, ids: list[str], *, max_fraction: float | None) -> int:
+    """Soft-delete the live runs among ``ids`` (confirmed gone: 404 by id). Refuses with
+    DataError beyond ``max_fraction`` of the live runs (None = no limit)."""
+    con.execute("CREATE OR REPLACE TEMP TABLE gone AS SELECT unnest($ids::VARCHAR[]) AS id",
+                {"ids": ids})
+    (n,) = con.execute("SELECT count(DISTINCT id) FROM runs WHERE _deleted_at IS NULL "
+                       "AND id IN (SELECT id FROM gone)").fetchall()[0]
+    (live,) = con.execute("SELECT count(*) FROM runs WHERE _deleted_at IS NULL").fetchall()[0]
+    if max_fraction is not None:
+        check_mass_delete(n, live, max_fraction)
+    if n:
+        con.execute("UPDATE runs SET _deleted_at = now(), _synced_at = now(), _sync_id = ? "
+                    "WHERE _deleted_at IS NULL AND id IN (SELECT id FROM gone)",
+                    [sync_id])
+    return n
+
+
+
+def drop_work_tables(con) -> None:
+    """The merge's temp tables, once the sync's transaction has ended."""
+    for table in ("run_changes", "wf_changes", "gone"):
+        con.execute(f"DROP TABLE IF EXISTS {table}")

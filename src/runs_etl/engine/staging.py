@@ -1,0 +1,220 @@
+"""Staging: fetched pages become Arrow batches written as Parquet beside the warehouse while
+the walk runs; ``load`` merges them once at the end.
+
+Staging on disk keeps memory flat however many runs a sync sees: Python holds one batch at a
+time, and DuckDB reads the staged files column by column. Views ``stage_runs`` /
+``stage_workflows`` / ``stage_nodes`` / ``stage_rejected`` over the staged files also drive walk
+verification, delete candidates and the merge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .client import FetchedPage
+from .models import TERMINAL_STATUSES
+from .normalize import RUN_NODES_SCHEMA, RUNS_SCHEMA, WORKFLOWS_SCHEMA, Batch, normalize
+from .walk import PassStats
+
+REJECTED_SCHEMA = pa.schema([("page", pa.int32()), ("item_index", pa.int32()),
+                             ("run_id", pa.string()), ("error", pa.string()),
+                             ("raw", pa.string()), ("_seq", pa.int64())])
+_KINDS = {"runs": RUNS_SCHEMA, "workflows": WORKFLOWS_SCHEMA, "nodes": RUN_NODES_SCHEMA,
+          "rejected": REJECTED_SCHEMA}
+# Folders being written (a sync's staged batches, an export version) start with this prefix: one
+# left behind by a killed process is removed by the next one that holds the lock.
+STAGING_PREFIX = ".staging-"
+
+
+def staging_root(con) -> Path | None:
+    """``<database>.staging/`` beside a DuckDB file (None for an in-memory database), after
+    removing what a killed sync left there. Only called by the warehouse's single writer."""
+    (path,) = con.execute("SELECT path FROM duckdb_databases() "
+                          "WHERE database_name = current_database()").fetchall()[0]
+    if not path:
+        return None
+    root = Path(path).with_name(Path(path).name + ".staging")
+    if root.is_dir():  # the folder is the writer's alone: anything in it is a killed sync's
+        for stale in root.iterdir():
+            shutil.rmtree(stale, ignore_errors=True)
+    root.mkdir(exist_ok=True)
+    return root
+
+
+class Stage:
+    """One sync's staged batches: Parquet files in a private folder, read as views."""
+
+    def __init__(self, con, sync_id: int, directory: Path | None = None):
+        self.con = con
+        self.sync_id = sync_id
+        self.dir = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=directory))
+        self._files = 0
+        # An empty file per kind, so the views below always have something to read.
+        self._write({k: s.empty_table() for k, s in _KINDS.items()})
+        for kind, view in (("runs", "stage_runs"), ("workflows", "stage_workflows"),
+                           ("nodes", "stage_nodes"), ("rejected", "stage_rejected")):
+            glob = str(self.dir / f"{kind}-*.parquet").replace("'", "''")
+            con.execute(f"CREATE OR REPLACE TEMP VIEW {view} AS "
+                        f"SELECT * FROM read_parquet('{glob}')")
+
+    def _write(self, tables: dict[str, pa.Table]) -> None:
+        n = self._files
+        self._files += 1
+        for kind, table in tables.items():
+            if table.num_rows or n == 0:
+                pq.write_table(table, self.dir / f"{kind}-{n:06d}.parquet",
+                               compression="snappy")
+
+    def add(self, batch: Batch, rejected: pa.Table | None = None) -> None:
+        """Stage one batch; nothing touches the warehouse tables until ``merge``."""
+        tables = {"runs": batch.runs, "workflows": batch.workflows, "nodes": batch.run_nodes}
+        if rejected is not None:
+            tables["rejected"] = rejected
+        self._write(tables)
+
+    def distinct_between(self, lo: int, hi: int, not_newer_than: datetime | None = None) -> int:
+        """Distinct runs among the sightings with arrival seq in [lo, hi] (one walk pass),
+        optionally only those created at or before ``not_newer_than``."""
+        return self.con.execute(
+            "SELECT count(DISTINCT id) FROM stage_runs WHERE _seq BETWEEN ? AND ? "
+            "AND (?::TIMESTAMPTZ IS NULL OR created_at <= ?::TIMESTAMPTZ)",
+            [lo, hi, not_newer_than, not_newer_than]).fetchall()[0][0]
+
+    def old_discoveries(self, lo: int, hi: int, newest_before: datetime | None = None) -> int:
+        """Runs first sighted in [lo, hi] that are not newer than ``newest_before`` (default:
+        the newest run sighted before ``lo``): runs an earlier pass skipped, as opposed to runs
+        created while the sync was walking."""
+        return self.con.execute("""
+            WITH before AS (SELECT id, created_at FROM stage_runs WHERE _seq < $lo)
+            SELECT count(DISTINCT id) FROM stage_runs
+            WHERE _seq BETWEEN $lo AND $hi
+              AND created_at <= coalesce($newest, (SELECT max(created_at) FROM before))
+              AND id NOT IN (SELECT id FROM before)""",
+                                {"lo": lo, "hi": hi, "newest": newest_before}).fetchall()[0][0]
+
+    def unstaged_live_ids(self, *, open_only: bool = False) -> list[str]:
+        """Live warehouse runs this sync has not staged (``open_only``: not terminal either):
+        delete candidates after a full walk, refresh candidates after a head walk."""
+        terminal = list(TERMINAL_STATUSES)
+        return [r[0] for r in self.con.execute(
+            "SELECT id FROM runs WHERE _deleted_at IS NULL "
+            "AND (NOT $open_only OR status NOT IN (SELECT unnest($terminal))) "
+            "AND id NOT IN (SELECT id FROM stage_runs)",
+            {"open_only": open_only, "terminal": terminal}).fetchall()]
+
+    def live_count(self) -> int:
+        """Live runs in the warehouse (the mass-delete breaker's denominator)."""
+        return self.con.execute(
+            "SELECT count(*) FROM runs WHERE _deleted_at IS NULL").fetchall()[0][0]
+
+    def close(self) -> None:
+        """Drop the views and delete the staged files."""
+        for view in ("stage_runs", "stage_workflows", "stage_nodes", "stage_rejected"):
+            self.con.execute(f"DROP VIEW IF EXISTS {view}")
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class StagingSink:
+    """Stages fetched (already validated) pages ``batch_pages`` at a time, off the fetching path.
+
+    Fetch workers only enqueue; one consumer task normalizes a batch on the event loop and writes
+    its Parquet files in a thread. The bounded queue is the backpressure that keeps memory flat
+    when staging is slower than the network. The walk and extract ask their questions about what
+    was staged through the async methods at the end.
+    """
+
+    def __init__(self, stage: Stage, batch_pages: int):
+        self.stage = stage
+        self.batch_pages = batch_pages
+        self.seconds = 0.0
+        self._queue: asyncio.Queue | None = None
+        self._consumer: asyncio.Task | None = None
+
+    def _ensure_consumer(self) -> tuple[asyncio.Queue, asyncio.Task]:
+        if self._queue is None or self._consumer is None:
+            self._queue = asyncio.Queue(maxsize=self.batch_pages)
+            self._consumer = asyncio.ensure_future(self._consume(self._queue))
+        return self._queue, self._consumer
+
+    async def put(self, page: FetchedPage) -> None:
+        queue, consumer = self._ensure_consumer()
+        if consumer.done():  # it failed: surface its error instead of queueing forever
+            consumer.result()
+        await queue.put(page)
+
+    async def flush(self) -> None:
+        """Wait until everything queued so far is staged (and raise what staging raised)."""
+        queue, consumer = self._ensure_consumer()
+        done: asyncio.Future = asyncio.get_running_loop().create_future()
+        await queue.put(done)
+        await asyncio.wait([done, consumer], return_when=asyncio.FIRST_COMPLETED)
+        if consumer.done():
+            consumer.result()
+        await done
+
+    async def aclose(self) -> None:
+        if self._consumer is not None:
+            self._consumer.cancel()
+            await asyncio.gather(self._consumer, return_exceptions=True)
+
+    async def _consume(self, queue: asyncio.Queue) -> None:
+        buffer: list[FetchedPage] = []
+        while True:
+            item = await queue.get()
+            if isinstance(item, asyncio.Future):
+                if buffer:
+                    await self._stage(buffer)
+                    buffer = []
+                item.set_result(None)
+                continue
+            buffer.append(item)
+            if len(buffer) >= self.batch_pages:
+                await self._stage(buffer)
+                buffer = []
+
+    async def _stage(self, pages: list[FetchedPage]) -> None:
+        """Normalize on the event loop (it needs the GIL anyway: a thread would only add
+        switching), then write the Parquet files in a thread (pyarrow releases the GIL)."""
+        t0 = time.perf_counter()
+        runs: list = []
+        seqs: list[int] = []
+        rejected: list[tuple] = []
+        for p in pages:
+            runs.extend(p.parsed.runs)
+            seqs.extend([p.seq] * len(p.parsed.runs))
+            rejected.extend((p.number, r.index, r.run_id, r.error, r.raw, p.seq)
+                            for r in p.parsed.rejected)
+        rejected_table = None
+        if rejected:
+            rejected_table = pa.table(dict(zip(REJECTED_SCHEMA.names, map(list, zip(*rejected)))),
+                                      schema=REJECTED_SCHEMA)
+        batch = normalize(runs, seqs)
+        await asyncio.to_thread(self.stage.add, batch, rejected_table)
+        self.seconds += time.perf_counter() - t0
+
+    async def pass_stats(self, first_seq: int, last_seq: int,
+                         newest_before: datetime | None = None,
+                         head: datetime | None = None) -> PassStats:
+        return await asyncio.to_thread(self._pass_stats, first_seq, last_seq, newest_before,
+                                       head)
+
+    def _pass_stats(self, lo: int, hi: int, newest_before: datetime | None,
+                    head: datetime | None) -> PassStats:
+        return PassStats(self.stage.distinct_between(lo, hi),
+                         self.stage.old_discoveries(lo, hi, newest_before),
+                         self.stage.distinct_between(lo, hi, not_newer_than=head)
+                         if head is not None else 0)
+
+    async def unstaged_live_ids(self, *, open_only: bool = False) -> list[str]:
+        return await asyncio.to_thread(lambda: self.stage.unstaged_live_ids(open_only=open_only))
+
+    async def live_count(self) -> int:
+        return await asyncio.to_thread(self.stage.live_count)

@@ -1,0 +1,1 @@
+"""Running runs-etl unattended and in front of people: scheduler, writer lock, logs, console."""

@@ -1,0 +1,1 @@
+"""What readers get from the warehouse: Parquet exports, the HTML report and ``status``."""

@@ -1,0 +1,64 @@
+"""Opening the DuckDB warehouse: the writer's read-write connection and readers' read-only one.
+
+Merges (``engine/load.py``) and the ledger run inside the sync's single transaction, so a kill at
+any instant leaves the previous good commit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+
+from ..config import WarehouseSettings
+from ..errors import ConfigError, LockedError, WarehouseError
+
+# A file holding these tables was written by runs-etl.
+REQUIRED_TABLES = ("runs", "workflows", "run_nodes", "sync_runs")
+
+
+def connect(path: Path, *, memory_limit: str = "256MB", read_only: bool = False):
+    """Open (creating its folder) the warehouse; a file held by another process is LockedError."""
+    path = Path(path)
+    try:
+        if not read_only:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        con = duckdb.connect(str(path), read_only=read_only)
+    except duckdb.IOException as e:
+        raise LockedError(
+            f"cannot open {path}: another process has the database open ({first_line(e)}). "
+            "Close DuckDB shells / notebooks on this file, or point analysts at the Parquet export"
+        ) from None
+    except (duckdb.Error, OSError) as e:
+        raise WarehouseError(f"cannot open {path}: {first_line(e)}") from None
+    try:
+        con.execute(f"SET memory_limit = '{memory_limit}'")
+        con.execute("SET preserve_insertion_order = false")
+        con.execute("SET TimeZone = 'UTC'")  # analysts see UTC, whatever the host's zone
+    except duckdb.Error as e:
+        con.close()
+        raise ConfigError([f"warehouse.memory_limit: {memory_limit!r} is not a DuckDB memory "
+                           f"size ({first_line(e)})"]) from None
+    return con
+
+
+def first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def open_read_only(wh: WarehouseSettings):
+    """Open the warehouse read-only: never creates a file, never takes the writer's lock. A
+    missing file or a file that is not ours is WarehouseError."""
+    path = Path(wh.duckdb_path)
+    if not path.is_file():
+        raise WarehouseError(f"no warehouse at {path}: run `runs-etl sync` first, or point "
+                             "--duckdb-path / RUNS_ETL_DUCKDB_PATH at an existing database")
+    con = connect(path, read_only=True, memory_limit=wh.memory_limit)
+    tables = {t for (t,) in con.execute(
+        "SELECT table_name FROM duckdb_tables() WHERE schema_name = 'main'").fetchall()}
+    missing = [t for t in REQUIRED_TABLES if t not in tables]
+    if missing:
+        con.close()
+        raise WarehouseError(f"{path} is not a runs-etl warehouse (no {', '.join(missing)} "
+                             "table): run `runs-etl sync` first")
+    return con
