@@ -14,7 +14,7 @@ import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -38,11 +38,13 @@ class Holder:
     host: str
     started_at: str
     command: str
+    pages: int | None = None  # pages a running sync has fetched so far, when it says
 
     def describe(self) -> str:
         here = self.host == socket.gethostname()
         where = "" if here else f" on host {self.host}"
-        return f"pid {self.pid}{where} ({self.command}, since {self.started_at})"
+        pages = "" if self.pages is None else f", {self.pages:,} pages so far"
+        return f"pid {self.pid}{where} ({self.command}, since {self.started_at}{pages})"
 
 
 def lock_path(db_path: Path) -> Path:
@@ -57,8 +59,9 @@ def read_holder(db_path: Path) -> Holder | None:
     """The holder recorded in the sidecar; None when absent or unreadable (it is only a hint)."""
     try:
         data = json.loads(holder_path(db_path).read_text(encoding="utf-8"))
+        pages = data.get("pages")
         return Holder(int(data["pid"]), str(data["host"]), str(data["started_at"]),
-                      str(data["command"]))
+                      str(data["command"]), None if pages is None else int(pages))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -75,8 +78,37 @@ def _write_holder(db_path: Path, holder: Holder) -> None:
         log.warning("cannot record the lock holder in %s: %s", target, e.strerror or e)
 
 
+def note_progress(db_path: Path | str, holder: Holder | None, pages: int) -> Holder | None:
+    """Record how far the holder has got, for ``status`` (a hint: never fails the sync)."""
+    if holder is None:
+        return None
+    updated = replace(holder, pages=pages)
+    _write_holder(Path(db_path), updated)
+    return updated
+
+
+def running(db_path: Path | str) -> Holder | None:
+    """Who holds the writer lock right now (a sync or export in progress), or None.
+
+    Probes the lock itself, so a holder record left by a killed process is not reported."""
+    db_path = Path(db_path)
+    path = lock_path(db_path)
+    if _is_in_memory(db_path) or not path.exists():
+        return None
+    probe = FileLock(str(path))
+    try:
+        probe.acquire(timeout=0)
+    except Timeout:
+        return read_holder(db_path) or Holder(0, "?", "?", "another runs-etl process")
+    except OSError:
+        return None
+    probe.release()
+    return None
+
+
 def _clear_holder(db_path: Path, holder: Holder) -> None:
-    if read_holder(db_path) == holder:
+    if (current := read_holder(db_path)) is not None and replace(current, pages=None) == \
+            replace(holder, pages=None):
         try:
             holder_path(db_path).unlink(missing_ok=True)
         except OSError:
