@@ -38,6 +38,7 @@ max_pages = 500
 duckdb_path = "/data/runs.duckdb"
 memory_limit = "512MB"
 lock_wait = 5
+storage_compatibility = "v1.2.0"
 
 [sync]
 batch_pages = 7
@@ -157,6 +158,7 @@ def test_every_key_of_a_full_toml_parses(tmp_path):
     assert s.api.max_pages == 500
     assert s.warehouse.duckdb_path == Path("/data/runs.duckdb")
     assert (s.warehouse.memory_limit, s.warehouse.lock_wait) == ("512MB", 5)
+    assert s.warehouse.storage_compatibility == "v1.2.0"
     assert (s.sync.batch_pages, s.sync.max_walk_passes) == (7, 4)
     assert s.sync.max_reject_fraction == 0.05
     assert s.sync.lookback == timedelta(minutes=15)

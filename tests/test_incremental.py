@@ -26,6 +26,7 @@ from mirror import (
 from runs_etl import jobs
 from runs_etl.config import load_settings
 from runs_etl.engine.sync import sync
+from runs_etl.warehouse.publish import working_path
 
 PAGE = 50
 
@@ -154,7 +155,7 @@ def test_full_refresh_marks_runs_gone_from_the_source_and_clears_a_wrong_mark(ma
     assert run_cli(sim, "sync", "-q", RUNS_ETL_PAGE_SIZE=str(PAGE))[0] == 0
     assert set(gone) <= read_warehouse(db).live  # a plain sync does not prove them gone
     marked = sorted(sim.run_ids())[0]  # still in the source: the mark is wrong
-    with open_db(db) as con:
+    with open_db(working_path(db)) as con:  # the writer's file: the next sync starts from it
         con.execute("UPDATE runs SET _deleted_at = now() WHERE id = ?", [marked])
 
     code, _, err = run_cli(sim, "sync", "-q", "--full-refresh", RUNS_ETL_PAGE_SIZE=str(PAGE))

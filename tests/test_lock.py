@@ -11,7 +11,7 @@ import pytest
 from conftest import settings_for
 from mirror import ledger
 
-from runs_etl import cli, jobs
+from runs_etl import jobs
 from runs_etl.errors import EXIT_LOCKED, LockedError, WarehouseError
 from runs_etl.ops.lock import holder_path, lock_path, read_holder, writer_lock
 
@@ -147,23 +147,3 @@ def test_sync_after_a_sigkilled_sync_runs_and_marks_it_abandoned(make_sim, sim_e
     result = jobs.run_sync(settings_for(sim, db), quiet=True)  # no --wait: the lock is free
     assert result.outcome == "success" and result.runs_seen == 200
     assert [r["outcome"] for r in ledger(db)] == ["abandoned", "success"]
-
-
-@pytest.mark.parametrize("read_only", [False, True], ids=["read-write", "read-only"])
-def test_analyst_holding_the_database_open_gets_an_actionable_error(make_sim, sim_env, procs,
-                                                                     tmp_path, monkeypatch,
-                                                                     capsys, read_only):
-    sim = make_sim(50)
-    db = tmp_path / "runs.duckdb"
-    jobs.run_sync(settings_for(sim, db), quiet=True)
-    analyst = procs.python(
-        f"import duckdb, time\ncon = duckdb.connect({str(db)!r}, read_only={read_only})\n"
-        "print('open', flush=True)\ntime.sleep(60)\n")
-    analyst.wait_for("open")
-    for k, v in sim_env(sim).items():
-        monkeypatch.setenv(k, v)
-    assert cli.main(["sync"]) == EXIT_LOCKED
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    [line] = [line for line in err.splitlines() if line.startswith("Error:")]
-    assert "another process has the database open" in line and "Close DuckDB" in line

@@ -21,6 +21,7 @@ from mirror import ledger
 from runs_etl import cli, jobs
 from runs_etl.config import ScheduleSettings, load_settings
 from runs_etl.errors import AuthError, ConfigError, LockedError
+from runs_etl.ops.lock import read_holder, running
 from runs_etl.ops.logs import setup_logging
 from runs_etl.ops.scheduler import build_trigger, cron_trigger, run_scheduler
 
@@ -257,9 +258,12 @@ def test_a_second_signal_aborts_the_running_sync_without_committing(
     assert "aborting the running sync" in daemon.output
     held.open()
     assert _run_ids(db) == before  # the previous commit, nothing partial
-    # the aborted attempt is visible in the ledger, and the next sync records it as abandoned
-    assert [r["outcome"] for r in ledger(db)] == ["success", "running"]
+    # the aborted attempt is recorded as failed (not left running), nothing is left behind
+    assert [r["outcome"] for r in ledger(db)] == ["success", "failed"]
+    assert "interrupted" in ledger(db)[-1]["error"]
+    assert read_holder(db) is None and running(db) is None
+    assert not [p for p in tmp_path.rglob("*") if ".staging" in p.name and any(p.iterdir())]
     jobs.run_sync(settings_for(sim, db), quiet=True)
-    assert [r["outcome"] for r in ledger(db)] == ["success", "abandoned", "success"]
+    assert [r["outcome"] for r in ledger(db)] == ["success", "failed", "success"]
     assert _run_ids(db) == sim.run_ids()
 

@@ -32,6 +32,7 @@ from runs_etl import jobs
 from runs_etl.config import load_settings
 from runs_etl.engine.sync import sync
 from runs_etl.sim import Faults
+from runs_etl.warehouse.publish import working_path
 
 PAGE = "50"  # small pages: many requests per walk
 
@@ -189,10 +190,13 @@ def test_sigkill_mid_sync_keeps_the_last_commit_and_the_next_sync_repairs_everyt
         gate.open()
         sim.on_list_request(None)
 
-    # The file opens and holds exactly the previous good commit.
+    # Readers' file holds exactly the previous good commit; the writer's file holds that commit
+    # too, plus the trace of the killed attempt.
     assert dump_tables(db) == before
     assert_mirror(db, good)
-    assert [r["outcome"] for r in ledger(db)] == ["success", "running"]
+    assert [r["outcome"] for r in ledger(db)] == ["success"]
+    assert [r["outcome"] for r in ledger(working_path(db))] == ["success", "running"]
+    assert dump_tables(working_path(db)) == before
 
     result = jobs.run_sync(settings, quiet=True, full_refresh=True)
     assert result.outcome == "success" and result.verified

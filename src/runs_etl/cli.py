@@ -10,17 +10,15 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
-import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
 from .config import Settings, load_settings
 from .errors import EXIT_INTERRUPTED, EXIT_OK, RunsEtlError
 from .ops.logs import log_failure, setup_logging
+from .ops.signals import signals_interrupt, was_interrupted
 
 DEMO_RUNS = 20_000
 DEMO_DIR = Path("demo")
@@ -176,36 +174,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(runs=args.runs, out_dir=args.dir, quiet=args.quiet)
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
-
-
-@contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM (systemd stop, ``kill``, ``timeout``) unwinds like Ctrl-C: the sync rolls back,
-    the ledger records the failure and the writer lock is released."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        with _sigterm_interrupts():
+        with signals_interrupt():
             return args.func(args)
+    except KeyboardInterrupt:
+        return _interrupted()
     except RunsEtlError as e:
+        if was_interrupted():
+            return _interrupted()
         print(f"Error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("Error: interrupted; nothing partial was committed", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except Exception:
+        if was_interrupted():  # DuckDB's "Query interrupted": the signal, not a bug
+            return _interrupted()
+        raise
+
+
+def _interrupted() -> int:
+    print("Error: interrupted; nothing partial was committed", file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":  # pragma: no cover

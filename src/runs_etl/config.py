@@ -30,6 +30,8 @@ DEFAULT_API_URL = "https://backend.noxus.ai"
 DEFAULT_DUCKDB_PATH = "./runs.duckdb"
 DEFAULT_PAGE_SIZE = 100
 DEFAULT_CONCURRENCY = 8
+# DuckDB 1.4 and newer (CLI, BI drivers, notebooks) read files written in this format.
+DEFAULT_STORAGE_COMPATIBILITY = "v1.4.0"
 
 # env var -> (section, key). Only these are read; see interface.md for the contract.
 ENV_VARS: dict[str, tuple[str, str]] = {
@@ -94,6 +96,9 @@ class WarehouseSettings(_Section):
     duckdb_path: Path = Field(Path(DEFAULT_DUCKDB_PATH), description="DuckDB database file")
     memory_limit: str = Field("256MB", description="DuckDB memory_limit (spills to disk beyond)")
     lock_wait: float = Field(0, ge=0, description="seconds to wait for another writer")
+    storage_compatibility: str = Field(
+        DEFAULT_STORAGE_COMPATIBILITY, pattern=r"^(v\d+\.\d+\.\d+|latest)$",
+        description="DuckDB storage version of the files readers open (v1.4.0: DuckDB 1.4+)")
 
 
 class SyncSettings(_Section):

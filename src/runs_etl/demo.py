@@ -9,6 +9,7 @@ from .engine.sync import summary_line
 from .jobs import run_sync
 from .outputs.report import write_report
 from .sim import Simulator
+from .warehouse.publish import remove_warehouse
 
 DEMO_SEED = 42
 
@@ -30,8 +31,7 @@ def run_demo(*, runs: int, out_dir: Path, quiet: bool = False) -> int:
     (incrementally), then export Parquet, write the report and say what to try."""
     out_dir = Path(out_dir)
     db = out_dir / "runs.duckdb"
-    for stale in (db, db.with_name(db.name + ".wal")):  # each demo starts from scratch
-        stale.unlink(missing_ok=True)
+    remove_warehouse(db)  # each demo starts from scratch
     with Simulator(runs, seed=DEMO_SEED) as sim:
         settings = load_settings(None, {}, {
             "api": {"url": sim.base_url, "key": sim.api_key},
@@ -56,7 +56,7 @@ def run_demo(*, runs: int, out_dir: Path, quiet: bool = False) -> int:
     print(f"  warehouse: {db}")
     print(f"  parquet:   {(out_dir / 'parquet' / 'current').absolute()}")
     print(f"  report:    {report.resolve()}")
-    print(f"\nTry these in `duckdb {db}` (or python -c \"import duckdb; "
+    print(f"\nTry these in `duckdb -readonly {db}` (or python -c \"import duckdb; "
           f"print(duckdb.connect('{db}', read_only=True).sql('...'))\"):")
     for title, sql in QUERIES:
         print(f"\n  -- {title}\n  {sql}")

@@ -9,6 +9,7 @@ ever held in memory. Everything the sync writes to the warehouse lands in one tr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import time
@@ -90,8 +91,8 @@ def _sync(settings: Settings, con, transport, progress, full_refresh: bool,
     result = SyncResult(sync_id=ledger.open_attempt(con, settings.api.url), mode=plan.mode,
                         mode_reason=plan.reason)
     reader = con.cursor()  # sees the last commit while the sync's transaction stages data
-    con.begin()
     stage = None
+    in_transaction = False
     try:
         stage = Stage(con, result.sync_id, staging_root(con))
         sink = StagingSink(stage, settings.sync.batch_pages)
@@ -102,6 +103,10 @@ def _sync(settings: Settings, con, transport, progress, full_refresh: bool,
         result.seconds_extract = time.perf_counter() - t0
         _record_walk(result, extracted)
         t1 = time.perf_counter()
+        # The walk only wrote staging files; the warehouse changes from here on, in one
+        # transaction (begun now, so DuckDB's now() in the merge is the time of the load).
+        con.begin()
+        in_transaction = True
         _finish_load(stage, settings, result, extracted, allow_mass_delete)
         result.seconds_load = time.perf_counter() - t1 + sink.seconds
         result.seconds_total = time.perf_counter() - t_start
@@ -109,22 +114,36 @@ def _sync(settings: Settings, con, transport, progress, full_refresh: bool,
         ledger.close_attempt(con, result.sync_id, "success", result.ledger_fields())
         con.commit()
     except BaseException as exc:
-        con.rollback()
         result.outcome = "failed"
         result.error = (str(exc) or type(exc).__name__) if not isinstance(
             exc, KeyboardInterrupt) else "interrupted (Ctrl-C or SIGTERM); nothing was committed"
         result.seconds_total = time.perf_counter() - t_start
-        ledger.close_attempt(con, result.sync_id, "failed", result.ledger_fields())
+        _record_failure(con, result, in_transaction)
         raise
     finally:
         reader.close()
         if stage is not None:
             stage.close()
-            load.drop_work_tables(con)
+            with contextlib.suppress(duckdb.Error):
+                load.drop_work_tables(con)
     log.info("%s", summary_line(result),
              extra={"event": "sync_finished", "sync_id": result.sync_id,
                     "outcome": result.outcome, "sync": result.ledger_fields()})
     return result
+
+
+def _record_failure(con, result: SyncResult, in_transaction: bool) -> None:
+    """Roll back and write the ledger's ``failed`` row; neither may hide the original error
+    (a full disk can fail both: the row then stays ``running`` and the next sync marks it
+    abandoned)."""
+    try:
+        if in_transaction:
+            con.rollback()
+        ledger.close_attempt(con, result.sync_id, "failed", result.ledger_fields())
+    except duckdb.Error as e:
+        log.warning("could not record sync %s as failed: %s", result.sync_id,
+                    str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__,
+                    extra={"event": "ledger_write_failed"})
 
 
 def _warehouse_failure(settings: Settings, exc: Exception) -> WarehouseError:

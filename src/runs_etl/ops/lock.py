@@ -26,6 +26,8 @@ log = logging.getLogger("runs_etl.lock")
 
 LOCK_SUFFIX = ".lock"
 HOLDER_SUFFIX = ".lock.json"
+SKIPPED_SUFFIX = ".skipped.json"
+SKIPPED_KEPT = 20  # the most recent skipped attempts kept for status
 # How often a waiting writer retries; short enough that a queued cron run starts promptly.
 POLL_SECONDS = 0.1
 
@@ -113,6 +115,33 @@ def _clear_holder(db_path: Path, holder: Holder) -> None:
             holder_path(db_path).unlink(missing_ok=True)
         except OSError:
             pass  # a stale record is overwritten by the next holder
+
+
+def record_skipped(db_path: Path | str, reason: str) -> None:
+    """Note a sync that gave up because the warehouse was busy: it never reaches the ledger
+    (it held no lock to write it), so ``status`` reads these instead. Only a hint."""
+    db_path = Path(db_path)
+    if _is_in_memory(db_path):
+        return
+    entry = {"at": datetime.now(UTC).isoformat(timespec="seconds"), "pid": os.getpid(),
+             "reason": reason}
+    target = Path(f"{db_path}{SKIPPED_SUFFIX}")
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps((skipped_attempts(db_path) + [entry])[-SKIPPED_KEPT:]),
+                       encoding="utf-8")
+        os.replace(tmp, target)
+    except OSError as e:
+        log.warning("cannot record the skipped sync in %s: %s", target, e.strerror or e)
+
+
+def skipped_attempts(db_path: Path | str) -> list[dict]:
+    """Syncs that gave up on a busy warehouse, oldest first (``at``, ``pid``, ``reason``)."""
+    try:
+        data = json.loads(Path(f"{db_path}{SKIPPED_SUFFIX}").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return [d for d in data if isinstance(d, dict)] if isinstance(data, list) else []
 
 
 def _is_in_memory(db_path: Path) -> bool:

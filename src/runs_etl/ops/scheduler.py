@@ -3,13 +3,15 @@
 One sync at a time (``max_instances=1``; the writer lock keeps cron-started syncs out too) and late
 runs coalesce into one. A failed sync is logged and the next one runs on time. SIGTERM / SIGINT stop
 the scheduler once the running sync has finished (it commits whole or not at all) and exit 0; a
-second signal aborts that sync at once, which is safe as well: its transaction is never committed.
+second signal aborts that sync at once (exit 130), which is safe as well: its transaction rolls
+back, and the ledger, the lock and the staging folder are left as after any failed sync.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import queue
 import signal
 import threading
 import time
@@ -25,6 +27,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from ..config import ScheduleSettings, Settings
 from ..errors import EXIT_INTERRUPTED, EXIT_OK, ConfigError, LockedError, RunsEtlError
 from .logs import log_failure
+from .signals import interrupt, was_interrupted
 
 log = logging.getLogger("runs_etl.scheduler")
 
@@ -104,29 +107,62 @@ def build_trigger(schedule: ScheduleSettings, tz: tzinfo):
 
 
 class _Daemon:
-    """The job, the stop flag and the signal handling of one ``run_scheduler`` call."""
+    """The job, the stop flag and the signal handling of one ``run_scheduler`` call.
+
+    APScheduler decides *when* (on its worker thread); the sync itself runs on the thread that
+    called ``run_scheduler`` (the main thread), so a second SIGTERM / Ctrl-C interrupts it the
+    way it interrupts ``runs-etl sync``: the transaction rolls back, the ledger says ``failed``,
+    staging files and the writer lock are released, and the process exits 130.
+    """
 
     def __init__(self, settings: Settings, sync_fn: SyncFn, stop: threading.Event):
         self.settings, self.sync_fn, self.stop = settings, sync_fn, stop
         self.running = threading.Event()
         self.scheduler: BackgroundScheduler | None = None
+        self.due: queue.Queue[threading.Event] = queue.Queue()
 
     def job(self) -> None:
+        """APScheduler's job: hand the sync to the serving thread and wait for it to finish, so
+        ``max_instances=1`` and coalescing keep their meaning."""
+        done = threading.Event()
+        self.due.put(done)
+        while not done.wait(0.5):
+            if self.stop.is_set() and not self.running.is_set():
+                return  # stopping: the serving thread will not take it any more
+
+    def serve(self) -> None:
+        """Run due syncs until stopped."""
+        while not self.stop.is_set():
+            try:
+                done = self.due.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            try:
+                self.run_one()
+            finally:
+                done.set()
+
+    def run_one(self) -> None:
         self.running.set()
         t0 = time.monotonic()
         try:
-            self.sync_fn(self.settings)
+            try:
+                self.sync_fn(self.settings)
+            except Exception:
+                if was_interrupted():  # e.g. DuckDB's "Query interrupted": the second signal
+                    raise KeyboardInterrupt from None
+                raise
         except LockedError as e:
             log.warning("scheduled sync skipped: %s", e, extra={"event": "sync_skipped"})
         except RunsEtlError as e:
             log_failure(log, "scheduled sync", e)
-        except Exception:  # a bug; keep the traceback, and keep the daemon serving
+        except Exception:  # a bug: keep the traceback, and keep the daemon serving
             log.exception("scheduled sync crashed after %.1fs (a bug in runs-etl: please report "
                           "it); the scheduler keeps going", time.monotonic() - t0,
                           extra={"event": "sync_crashed"})
         finally:
             self.running.clear()
-            self.log_next_run()
+        self.log_next_run()
 
     def log_next_run(self) -> None:
         if self.stop.is_set() or self.scheduler is None:
@@ -148,7 +184,7 @@ class _Daemon:
         elif self.running.is_set():
             log.warning("%s received again: aborting the running sync; it commits nothing, the "
                         "warehouse keeps its previous state", name, extra={"event": "aborting"})
-            os._exit(EXIT_INTERRUPTED)
+            interrupt()  # unwinds the sync on this (the main) thread
 
     def install_signals(self) -> dict:
         if threading.current_thread() is not threading.main_thread():
@@ -162,7 +198,8 @@ class _Daemon:
 def run_scheduler(settings: Settings, sync_fn: SyncFn, *,
                   stop_event: threading.Event | None = None) -> int:
     """Call ``sync_fn(settings)`` on ``settings.schedule`` until SIGTERM / SIGINT (or
-    ``stop_event``); returns 0. ``runs-etl schedule`` passes ``jobs.run_sync``."""
+    ``stop_event``); returns 0, or 130 when a second signal aborted a running sync.
+    ``runs-etl schedule`` passes ``jobs.run_sync``."""
     schedule = settings.schedule
     tz = _timezone(schedule.timezone)
     trigger = build_trigger(schedule, tz)
@@ -175,6 +212,7 @@ def run_scheduler(settings: Settings, sync_fn: SyncFn, *,
                       misfire_grace_time=max(1, int(schedule.misfire_grace.total_seconds())),
                       **first_run)
     previous = daemon.install_signals()
+    code = EXIT_OK
     try:
         scheduler.start()
         job = scheduler.get_job(JOB_ID)
@@ -182,13 +220,16 @@ def run_scheduler(settings: Settings, sync_fn: SyncFn, *,
                  f"at {job.next_run_time.isoformat()}" if job and job.next_run_time else "never")
         log.info("scheduler started (%s, timezone %s, pid %s); first sync %s", trigger, tz,
                  os.getpid(), first, extra={"event": "scheduler_started"})
-        while not daemon.stop.wait(1.0):
-            pass
+        daemon.serve()
+    except KeyboardInterrupt:
+        code = EXIT_INTERRUPTED
+        log.warning("the running sync was aborted; nothing of it was committed",
+                    extra={"event": "aborted"})
     finally:
         daemon.stop.set()
         if scheduler.running:
-            scheduler.shutdown(wait=True)  # lets a running sync finish and commit
+            scheduler.shutdown(wait=True)
         for sig, handler in previous.items():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
     log.info("scheduler stopped", extra={"event": "scheduler_stopped"})
-    return EXIT_OK
+    return code

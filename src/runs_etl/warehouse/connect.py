@@ -6,6 +6,9 @@ any instant leaves the previous good commit.
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import os
 from pathlib import Path
 
 import duckdb
@@ -17,18 +20,24 @@ from ..errors import ConfigError, LockedError, WarehouseError
 REQUIRED_TABLES = ("runs", "workflows", "run_nodes", "sync_runs")
 
 
-def connect(path: Path, *, memory_limit: str = "256MB", read_only: bool = False):
-    """Open (creating its folder) the warehouse; a file held by another process is LockedError."""
+def connect(path: Path, *, memory_limit: str = "256MB", read_only: bool = False,
+            storage_compatibility: str | None = None):
+    """Open (creating its folder) a DuckDB file; one held by another process is LockedError,
+    one that is not a readable DuckDB database is WarehouseError. ``storage_compatibility``
+    applies to a file created here (DuckDB keeps a file's storage version for its life)."""
     path = Path(path)
+    config: dict[str, str | bool | int | float | list[str]] = {}
+    if storage_compatibility is not None:
+        config["storage_compatibility_version"] = storage_compatibility
     try:
         if not read_only:
             path.parent.mkdir(parents=True, exist_ok=True)
-        con = duckdb.connect(str(path), read_only=read_only)
+        con = duckdb.connect(str(path), read_only=read_only, config=config)
     except duckdb.IOException as e:
-        raise LockedError(
-            f"cannot open {path}: another process has the database open ({first_line(e)}). "
-            "Close DuckDB shells / notebooks on this file, or point analysts at the Parquet export"
-        ) from None
+        if _locked_by_another_process(path, read_only):
+            raise LockedError(
+                f"cannot open {path}: another process has it open ({first_line(e)})") from None
+        raise WarehouseError(f"cannot open {path}: {first_line(e)}") from None
     except (duckdb.Error, OSError) as e:
         raise WarehouseError(f"cannot open {path}: {first_line(e)}") from None
     try:
@@ -40,6 +49,30 @@ def connect(path: Path, *, memory_limit: str = "256MB", read_only: bool = False)
         raise ConfigError([f"warehouse.memory_limit: {memory_limit!r} is not a DuckDB memory "
                            f"size ({first_line(e)})"]) from None
     return con
+
+
+def _locked_by_another_process(path: Path, read_only: bool) -> bool:
+    """Whether another process holds the POSIX lock DuckDB takes on its files (a shared one
+    blocks a writer, an exclusive one everybody). Only a real conflict is "busy, retry later"
+    (exit 75); a corrupt or foreign file is not."""
+    try:
+        fd = os.open(path, os.O_RDONLY if read_only else os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.lockf(fd, (fcntl.LOCK_SH if read_only else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except OSError as e:
+        return e.errno in (errno.EACCES, errno.EAGAIN)
+    else:
+        fcntl.lockf(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+def sql_string(text: str) -> str:
+    """A SQL string literal (quotes doubled)."""
+    return "'" + text.replace("'", "''") + "'"
 
 
 def first_line(e: BaseException) -> str:

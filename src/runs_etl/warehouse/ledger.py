@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, fields
+from datetime import UTC, datetime
 from typing import Any
 
 
@@ -67,17 +68,18 @@ def open_attempt(con, api_url: str) -> int:
     """Insert and commit a ``running`` row; returns its sync_id."""
     (sync_id,) = con.execute("SELECT coalesce(max(sync_id), 0) + 1 FROM sync_runs").fetchall()[0]
     con.execute("INSERT INTO sync_runs (sync_id, started_at, outcome, api_url) "
-                "VALUES (?, now(), 'running', ?)", [sync_id, api_url])
+                "VALUES (?, ?, 'running', ?)", [sync_id, datetime.now(UTC), api_url])
     return sync_id
 
 
 def close_attempt(con, sync_id: int, outcome: str, fields: dict[str, Any]) -> None:
-    """Set the outcome and every known counter of an attempt."""
+    """Set the outcome, the wall-clock end (not the transaction's start, which DuckDB's
+    ``now()`` gives) and every known counter of an attempt."""
     known = {k: v for k, v in fields.items() if k in LEDGER_FIELDS}
     sets = ", ".join(f"{k} = ?" for k in known)
-    con.execute(f"UPDATE sync_runs SET outcome = ?, finished_at = now()"
+    con.execute(f"UPDATE sync_runs SET outcome = ?, finished_at = ?"
                 f"{', ' + sets if sets else ''} WHERE sync_id = ?",
-                [outcome, *known.values(), sync_id])
+                [outcome, datetime.now(UTC), *known.values(), sync_id])
 
 
 def get_state(con, key: str, default: Any = None) -> Any:
