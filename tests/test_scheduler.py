@@ -13,10 +13,7 @@ from zoneinfo import ZoneInfo
 
 import duckdb
 import pytest
-from conftest import settings_for
-
-# Subprocess and simulator helpers live with the lock tests; importing the fixtures enables them.
-from mirror import ledger
+from helpers import ledger, settings_for
 
 from runs_etl import cli, jobs
 from runs_etl.config import ScheduleSettings, load_settings
@@ -209,7 +206,7 @@ def test_schedule_command_without_an_api_key_exits_2_at_start(monkeypatch, tmp_p
 
 # --- signals (a real daemon process) ---------------------------------------------------------
 
-def _daemon_with_a_sync_in_flight(make_sim, sim_env, gate, procs, tmp_path):  # noqa: F811
+def _daemon_with_a_sync_in_flight(make_sim, sim_env, gate, procs, tmp_path):
     """A warehouse with one commit, a daemon whose first sync is held mid-walk."""
     sim = make_sim(300)
     db = tmp_path / "runs.duckdb"
@@ -234,7 +231,7 @@ def _run_ids(db: Path) -> set[str]:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_lets_the_running_sync_commit_then_exits_0(
-        make_sim, sim_env, gate, procs, tmp_path, sig):  # noqa: F811
+        make_sim, sim_env, gate, procs, tmp_path, sig):
     sim, db, _, held, daemon = _daemon_with_a_sync_in_flight(make_sim, sim_env, gate, procs,
                                                              tmp_path)
     daemon.popen.send_signal(sig)
@@ -247,7 +244,7 @@ def test_a_signal_lets_the_running_sync_commit_then_exits_0(
 
 
 def test_a_second_signal_aborts_the_running_sync_without_committing(
-        make_sim, sim_env, gate, procs, tmp_path):  # noqa: F811
+        make_sim, sim_env, gate, procs, tmp_path):
     sim, db, before, held, daemon = _daemon_with_a_sync_in_flight(make_sim, sim_env, gate, procs,
                                                                   tmp_path)
     daemon.popen.send_signal(signal.SIGTERM)
