@@ -12,6 +12,7 @@ from helpers import LIVE, SYNCS, TERMINAL, WORKFLOWS, T, handmade_warehouse, row
 
 from runs_etl import warehouse
 from runs_etl.config import load_settings
+from runs_etl.engine.models import TERMINAL_STATUSES
 from runs_etl.warehouse.views import store_view_settings
 
 VIEWS = {"run_facts", "status_daily", "workflow_duration_stats", "failure_rate_daily",
@@ -194,3 +195,27 @@ def test_sync_health_reports_last_success_freshness_and_failures(con):
 def test_sync_history_has_rows_changed_per_attempt(con):
     got = {r["sync_id"]: r["rows_changed"] for r in rows(con, "SELECT * FROM sync_history")}
     assert got == {1: 12, 2: 0, 3: 6, 4: 0}
+
+
+# --- one home for the terminal statuses ---------------------------------------------------------
+
+def test_the_terminal_statuses_are_the_ones_the_readme_promises():
+    assert TERMINAL_STATUSES == TERMINAL
+
+
+def test_run_facts_and_open_runs_use_exactly_the_engines_terminal_statuses(tmp_path):
+    """sql/10_run_facts.sql gets its list from ``TERMINAL_STATUSES`` when applied: each of those
+    is terminal, every other status (unknown ones included) is open."""
+    statuses = sorted(TERMINAL_STATUSES) + ["running", "queued", "awaiting_human_feedback",
+                                            "paused", "COMPLETED"]
+    con = warehouse.connect(tmp_path / "runs.duckdb")
+    warehouse.migrate(con)
+    for i, status in enumerate(statuses):
+        con.execute("INSERT INTO runs (id, status, created_at, _first_seen_at, _synced_at) "
+                    "VALUES (?, ?, now(), now(), now())", [f"r{i}-{status}", status])
+    warehouse.apply_views(con)
+    facts = dict(con.execute("SELECT status, is_terminal FROM run_facts").fetchall())
+    assert facts == {s: s in TERMINAL_STATUSES for s in statuses}
+    open_ = {s for (s,) in con.execute("SELECT status FROM open_runs").fetchall()}
+    assert open_ == set(statuses) - TERMINAL_STATUSES
+    con.close()
