@@ -1,22 +1,17 @@
-"""Shared fixtures: a simulator on loopback and settings pointing a real DuckDB file at it."""
+"""Shared fixtures: simulators on loopback, a CLI run in process, child processes and held
+requests. Fixtures only; the helpers they use are in ``helpers.py``."""
 
 from __future__ import annotations
 
 import logging
 import os
-import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
-from mirror import Gate
+from helpers import LOGGERS, Gate, Proc
 
 from runs_etl import cli
-from runs_etl.config import Settings, load_settings
-
-# Loggers that ``runs_etl.feedback.setup_logging`` configures for a process.
-LOGGERS = ("runs_etl", "apscheduler", "filelock", "httpx", "httpcore", "asyncio")
 
 
 @pytest.fixture(autouse=True)
@@ -75,13 +70,6 @@ def sim_env(tmp_path: Path):
     return env_for
 
 
-def settings_for(sim, db: Path, **sections) -> Settings:
-    """Settings for an in-process sync against ``sim`` (sections: {"sync": {...}} overrides)."""
-    env = {"RUNS_ETL_API_URL": sim.base_url, "RUNS_ETL_API_KEY": sim.api_key,
-           "RUNS_ETL_DUCKDB_PATH": str(db)}
-    return load_settings(None, env, sections, cwd=db.parent)
-
-
 @pytest.fixture
 def run_cli(monkeypatch, tmp_path, capsys, sim_env):
     """``run_cli(sim, *args, **env)`` -> (exit code, stdout, stderr) of ``runs-etl`` in process,
@@ -102,46 +90,6 @@ def run_cli(monkeypatch, tmp_path, capsys, sim_env):
         return code, out, err
 
     return run
-
-
-class Proc:
-    """A child process whose output lines are collected as they come."""
-
-    def __init__(self, args: list[str], env: dict | None, cwd: Path):
-        self.popen = subprocess.Popen(args, env=env, cwd=cwd, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True)
-        self.pid = self.popen.pid
-        self.lines: list[str] = []
-        self._seen = threading.Condition()
-        self._readers = [threading.Thread(target=self._read, args=(s,), daemon=True)
-                         for s in (self.popen.stdout, self.popen.stderr)]
-        for t in self._readers:
-            t.start()
-
-    def _read(self, stream) -> None:
-        for line in stream:
-            with self._seen:
-                self.lines.append(line.rstrip("\n"))
-                self._seen.notify_all()
-
-    @property
-    def output(self) -> str:
-        with self._seen:
-            return "\n".join(self.lines)
-
-    def wait_for(self, text: str, timeout: float = 30) -> None:
-        with self._seen:
-            ok = self._seen.wait_for(
-                lambda: any(text in line for line in self.lines) or self.popen.poll() is not None,
-                timeout)
-            if not any(text in line for line in self.lines):
-                raise AssertionError(f"{text!r} never appeared (ok={ok}); output:\n{self.output}")
-
-    def finish(self, timeout: float = 60) -> int:
-        rc = self.popen.wait(timeout)
-        for t in self._readers:
-            t.join(5)
-        return rc
 
 
 @pytest.fixture

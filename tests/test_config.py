@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import tomllib
 from datetime import timedelta
 from pathlib import Path
@@ -183,23 +182,6 @@ def test_full_toml_above_covers_every_setting():
         model = field.annotation
         assert isinstance(model, type) and issubclass(model, BaseModel)
         assert set(doc[section]) == set(model.model_fields), section
-
-
-EXAMPLE = Path(__file__).resolve().parents[1] / "config.example.toml"
-
-
-def test_config_example_parses_and_its_values_are_the_defaults():
-    assert load_settings(EXAMPLE, {}) == Settings()
-
-
-def test_config_example_documents_every_setting(tmp_path):
-    """Commented-out keys count as documented, and must parse once uncommented."""
-    text = re.sub(r"(?m)^# (\w+ = )", r"\1", EXAMPLE.read_text(encoding="utf-8"))
-    doc = tomllib.loads(text)
-    for section, field in Settings.model_fields.items():
-        missing = set(field.annotation.model_fields) - set(doc.get(section, {}))
-        assert not missing, f"config.example.toml lacks [{section}] {sorted(missing)}"
-    load_settings(write(tmp_path, text), {})
 
 
 def test_every_setting_has_a_description():

@@ -8,21 +8,11 @@ import signal
 
 import duckdb
 import pytest
-from conftest import settings_for
-
-# Subprocess and simulator helpers live with the lock tests; importing the fixtures enables them.
-from mirror import ledger
+from helpers import error_line, ledger, settings_for
 
 from runs_etl import cli, errors, jobs
 from runs_etl.ops.lock import writer_lock
 from runs_etl.sim import Faults
-
-
-def one_error_line(err: str) -> str:
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("Error:")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def test_the_documented_codes_are_the_ones_errors_carry():
@@ -49,7 +39,7 @@ def test_an_api_that_keeps_failing_exits_1_with_the_request_id(make_sim, run_cli
     config.write_text("[api]\nmax_attempts = 1\n", encoding="utf-8")
     code, _, err = run_cli(sim, "sync", "--config", str(config))
     assert code == 1
-    line = one_error_line(err)
+    line = error_line(err)
     assert "giving up" in line and "request id sim-" in line
     assert [r["outcome"] for r in ledger(tmp_path / "runs.duckdb")] == ["failed"]
 
@@ -62,14 +52,14 @@ def test_bad_configuration_exits_2_before_touching_the_warehouse(make_sim, run_c
                                                                  env, problem):
     code, _, err = run_cli(make_sim(10), "sync", **env)
     assert code == 2
-    assert problem in one_error_line(err)
+    assert problem in error_line(err)
     assert not (tmp_path / "runs.duckdb").exists()
 
 
 def test_a_wrong_api_key_exits_3(make_sim, run_cli):
     code, _, err = run_cli(make_sim(10), "sync", RUNS_ETL_API_KEY="not-the-key")
     assert code == 3
-    assert "API key" in one_error_line(err)
+    assert "API key" in error_line(err)
 
 
 @pytest.mark.parametrize("flags, says", [([], "not waiting"),
@@ -79,7 +69,7 @@ def test_a_busy_warehouse_exits_75(make_sim, run_cli, tmp_path, flags, says):
     with writer_lock(tmp_path / "runs.duckdb", command="runs-etl sync"):
         code, _, err = run_cli(make_sim(10), "sync", *flags)
     assert code == 75
-    line = one_error_line(err)
+    line = error_line(err)
     assert says in line and f"pid {os.getpid()}" in line
 
 
@@ -93,7 +83,7 @@ def test_export_runs_beside_a_sync_from_the_published_snapshot(make_sim, run_cli
 
 
 def test_sigterm_during_a_sync_exits_130_and_keeps_the_previous_commit(
-        make_sim, sim_env, gate, procs, tmp_path):  # noqa: F811
+        make_sim, sim_env, gate, procs, tmp_path):
     sim = make_sim(300)
     db = tmp_path / "runs.duckdb"
     jobs.run_sync(settings_for(sim, db), quiet=True)

@@ -11,7 +11,7 @@ import pandas as pd
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
-from conftest import settings_for
+from helpers import settings_for
 
 from runs_etl import warehouse
 from runs_etl.cli import main

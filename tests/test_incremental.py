@@ -10,9 +10,8 @@ from datetime import timedelta
 
 import duckdb
 import pytest
-from conftest import settings_for
 from fakeapi import API_KEY, BASE_URL, EPOCH, FakeApi, make_run, make_runs, run_id
-from mirror import (
+from helpers import (
     TERMINAL,
     assert_mirror,
     dump_tables,
@@ -21,6 +20,7 @@ from mirror import (
     ledger,
     open_db,
     read_warehouse,
+    settings_for,
 )
 
 from runs_etl import jobs

@@ -1,4 +1,5 @@
-"""Warehouse: versioned schema (warehouse.py) and the staged upsert into it (load.py ``Stage``).
+"""The staged upsert: ``engine/staging.py`` (``Stage``: batches as Parquet files) and
+``engine/load.py`` (``merge``: one set-based upsert of the freshest snapshot of each run).
 
 Property tests (hypothesis) pin the invariants: Arrow -> DuckDB -> read back is lossless; the same
 pages upserted twice equal once; any arrival order of the pages gives the same warehouse.
@@ -20,7 +21,6 @@ from runs_etl.engine.load import RUN_COLUMNS, WORKFLOW_COLUMNS, MergeCounts, mer
 from runs_etl.engine.models import parse_page
 from runs_etl.engine.normalize import normalize
 from runs_etl.engine.staging import Stage
-from runs_etl.errors import ConfigError, WarehouseError
 
 PROPERTY = settings(max_examples=15, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -93,51 +93,6 @@ def nodes(con, run_id: str) -> list[tuple[int, str]]:
 
 
 A, B, C, D = (make_run(i) for i in range(4))
-
-
-# --- schema --------------------------------------------------------------------------------------
-
-def test_migrate_is_idempotent_and_recorded(con):
-    assert warehouse.migrate(con) == []  # already applied by the fixture
-    versions = con.execute("SELECT version, name, applied_at FROM schema_migrations").fetchall()
-    assert [v for v, _, _ in versions] == [v for v, _, _ in warehouse.MIGRATIONS]
-    assert all(name and applied for _, name, applied in versions)
-
-
-def test_first_migrate_applies_every_version_and_creates_the_tables():
-    c = duckdb.connect(":memory:")
-    assert warehouse.migrate(c) == [v for v, _, _ in warehouse.MIGRATIONS]
-    tables = {t for (t,) in c.execute("SELECT table_name FROM information_schema.tables")
-              .fetchall()}
-    assert {"runs", "workflows", "run_nodes", "sync_runs", "rejected_records",
-            "sync_state", "schema_migrations"} <= tables
-
-
-def test_a_warehouse_from_a_newer_runs_etl_is_refused(con):
-    con.execute("INSERT INTO schema_migrations VALUES (999, 'future', now())")
-    with pytest.raises(WarehouseError, match="upgrade runs-etl"):
-        warehouse.migrate(con)
-
-
-def test_connect_creates_the_folder_and_uses_utc(tmp_path):
-    path = tmp_path / "deep" / "er" / "runs.duckdb"
-    c = warehouse.connect(path)
-    try:
-        assert path.parent.is_dir()
-        assert c.execute("SELECT current_setting('TimeZone')").fetchall()[0][0] == "UTC"
-    finally:
-        c.close()
-
-
-def test_bad_memory_limit_is_a_config_error(tmp_path):
-    with pytest.raises(ConfigError, match="memory_limit"):
-        warehouse.connect(tmp_path / "w.duckdb", memory_limit="lots")
-
-
-def test_every_view_builds_on_an_empty_warehouse(con):
-    names = warehouse.apply_views(con)
-    assert names == sorted(names)
-    assert warehouse.apply_views(con) == names  # re-creating is fine
 
 
 # --- merge ---------------------------------------------------------------------------------------

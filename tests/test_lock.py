@@ -8,8 +8,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import settings_for
-from mirror import ledger
+from helpers import ledger, settings_for
 
 from runs_etl import jobs
 from runs_etl.errors import EXIT_LOCKED, LockedError, WarehouseError

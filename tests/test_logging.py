@@ -11,7 +11,7 @@ import traceback
 
 import duckdb
 import pytest
-from conftest import LOGGERS, settings_for
+from helpers import LOGGERS, settings_for
 
 from runs_etl import cli, jobs
 from runs_etl.config import load_settings

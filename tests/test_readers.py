@@ -15,8 +15,7 @@ from pathlib import Path
 
 import duckdb
 import pytest
-from conftest import settings_for
-from mirror import assert_mirror, dump_tables, ledger
+from helpers import assert_mirror, dump_tables, ledger, settings_for
 
 from runs_etl import jobs
 from runs_etl.config import DEFAULT_STORAGE_COMPATIBILITY

@@ -11,11 +11,10 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-from test_views import LIVE, TERMINAL, insert_fixture
+from helpers import LIVE, TERMINAL, handmade_warehouse, settings_for_db
 
 from runs_etl import warehouse
 from runs_etl.cli import main
-from runs_etl.config import load_settings
 from runs_etl.errors import WarehouseError
 from runs_etl.outputs.report import DAYS_SHOWN, write_report
 
@@ -66,21 +65,10 @@ class Page(HTMLParser):
             self.svg_titles[self._title_of] += data
 
 
-def settings_for_db(db: Path, **analytics):
-    return load_settings(None, {"RUNS_ETL_DUCKDB_PATH": str(db)},
-                         {"analytics": analytics} if analytics else None)
-
-
 @pytest.fixture
 def db(tmp_path) -> Path:
-    """A warehouse holding the hand-made runs of test_views, views applied, file closed."""
-    path = tmp_path / "wh" / "runs.duckdb"
-    con = warehouse.connect(path)
-    warehouse.migrate(con)
-    insert_fixture(con)
-    warehouse.apply_views(con)
-    con.close()
-    return path
+    """The hand-made warehouse of ``helpers``, views applied, file closed."""
+    return handmade_warehouse(tmp_path / "wh" / "runs.duckdb")
 
 
 def test_report_is_well_formed_html_with_every_chart(db):

@@ -9,28 +9,18 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from test_views import LIVE, RUNS, SYNCS, insert_fixture
+from helpers import LIVE, RUNS, SYNCS, handmade_warehouse, settings_for_db
 
 from runs_etl import warehouse
 from runs_etl.cli import main
-from runs_etl.config import load_settings
 from runs_etl.errors import WarehouseError
 from runs_etl.outputs.status import human_age, print_status
 
 
-def settings_for_db(db: Path):
-    return load_settings(None, {"RUNS_ETL_DUCKDB_PATH": str(db)})
-
-
 @pytest.fixture
 def db(tmp_path) -> Path:
-    """The hand-made warehouse of test_views: 4 syncs (success, failed, success, abandoned)."""
-    path = tmp_path / "runs.duckdb"
-    con = warehouse.connect(path)
-    warehouse.migrate(con)
-    insert_fixture(con)
-    con.close()
-    return path
+    """The hand-made warehouse of ``helpers``: 4 syncs (success, failed, success, abandoned)."""
+    return handmade_warehouse(tmp_path / "runs.duckdb", views=False)
 
 
 def status_text(db: Path, **kw) -> str:

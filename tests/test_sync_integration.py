@@ -12,11 +12,8 @@ from pathlib import Path
 
 import duckdb
 import pytest
-from conftest import settings_for
 from fakeapi import API_KEY, BASE_URL, EPOCH, FakeApi, make_run
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from mirror import (
+from helpers import (
     RUN_FIELDS,
     Gate,
     assert_mirror,
@@ -26,7 +23,10 @@ from mirror import (
     instant,
     ledger,
     read_warehouse,
+    settings_for,
 )
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from runs_etl import jobs
 from runs_etl.config import load_settings

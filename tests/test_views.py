@@ -5,66 +5,18 @@ from __future__ import annotations
 import importlib.resources
 import math
 from collections import Counter, defaultdict
-from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 
 import pytest
+from helpers import LIVE, SYNCS, TERMINAL, WORKFLOWS, T, handmade_warehouse, rows
 
 from runs_etl import warehouse
 from runs_etl.config import load_settings
+from runs_etl.engine.models import TERMINAL_STATUSES
 from runs_etl.warehouse.views import store_view_settings
 
-T = datetime(2024, 3, 1, tzinfo=UTC)
-NOW = datetime.now(UTC)
-TERMINAL = {"completed", "failed", "stopped"}
 VIEWS = {"run_facts", "status_daily", "workflow_duration_stats", "failure_rate_daily",
          "open_runs", "stuck_runs", "node_usage", "sync_history", "sync_health"}
-
-
-@dataclass
-class R:
-    id: str
-    wf: str | None
-    status: str
-    created: datetime
-    seconds: float | None = None  # finished_at - created_at; None = not finished
-    nodes: tuple[str, ...] = ()
-    deleted: bool = False
-
-    @property
-    def finished(self) -> datetime | None:
-        return None if self.seconds is None else self.created + timedelta(seconds=self.seconds)
-
-
-WORKFLOWS = {"wf-a": ("Invoice extraction", "flow"), "wf-b": ("Support <triage>", "handler"),
-             "wf-c": ("数据 ingestion", "ingestion")}
-RUNS = [
-    R("a1", "wf-a", "completed", T + timedelta(hours=1), 10, ("n1", "n2")),
-    R("a2", "wf-a", "completed", T + timedelta(hours=2), 20, ("n1",)),
-    R("a3", "wf-a", "failed", T + timedelta(hours=3), 30, ("n2", "n2")),
-    R("a4", "wf-a", "completed", T + timedelta(days=1, hours=1), 40.5),
-    R("a5", "wf-a", "stopped", T + timedelta(days=1, hours=2), 100),
-    R("a6", "wf-a", "running", T + timedelta(days=1, hours=3)),
-    R("a7", "wf-a", "completed", T + timedelta(hours=4), 1000, ("n9",), deleted=True),
-    R("b1", "wf-b", "failed", T + timedelta(minutes=5), 5, ("n3", "n1")),
-    # 23:30 in New York on March 1st is March 2nd in UTC: it must count on the 2nd.
-    R("b2", "wf-b", "failed", datetime(2024, 3, 1, 23, 30, tzinfo=timezone(timedelta(hours=-5))),
-      7),
-    R("b3", "wf-b", "completed", T + timedelta(hours=6), 3),
-    R("b4", "wf-b", "queued", NOW - timedelta(hours=1)),
-    R("b5", "wf-b", "awaiting_human_feedback", NOW - timedelta(hours=30)),
-    R("c1", "wf-c", "completed", T + timedelta(hours=7), 3600),
-    R("c2", "wf-c", "completed", T + timedelta(hours=8)),  # terminal, finished_at unknown
-    R("o1", "wf-gone", "failed", T + timedelta(hours=9), 50, ("n3",)),
-]
-LIVE = [r for r in RUNS if not r.deleted]
-# sync_id, outcome, started, seconds, runs_seen, new, updated, deleted, error
-SYNCS = [
-    (1, "success", T, 10.0, 12, 12, 0, 0, None),
-    (2, "failed", T + timedelta(hours=1), 2.0, None, None, None, None, "HTTP 500"),
-    (3, "success", NOW - timedelta(minutes=30), 4.0, 14, 2, 3, 1, None),
-    (4, "abandoned", NOW - timedelta(minutes=10), None, None, None, None, None, "killed"),
-]
 
 
 def utc_day(dt: datetime) -> date:
@@ -79,41 +31,11 @@ def quantile(xs: list[float], q: float) -> float:
     return xs[lo] + (h - lo) * (xs[min(lo + 1, len(xs) - 1)] - xs[lo])
 
 
-def insert_fixture(con) -> None:
-    for wid, (name, typ) in WORKFLOWS.items():
-        con.execute("INSERT INTO workflows (id, name, type, _first_seen_at, _synced_at) "
-                    "VALUES (?, ?, ?, now(), now())", [wid, name, typ])
-    for r in RUNS:
-        con.execute(
-            "INSERT INTO runs (id, workflow_id, status, created_at, finished_at, node_ids, "
-            "_first_seen_at, _synced_at, _deleted_at) VALUES (?, ?, ?, ?, ?, ?, now(), now(), ?)",
-            [r.id, r.wf, r.status, r.created, r.finished, list(r.nodes),
-             NOW if r.deleted else None])
-        for pos, node in enumerate(r.nodes):
-            con.execute("INSERT INTO run_nodes VALUES (?, ?, ?)", [r.id, pos, node])
-    for sid, outcome, started, secs, seen, new, upd, dele, err in SYNCS:
-        finished = None if secs is None else started + timedelta(seconds=secs)
-        con.execute(
-            "INSERT INTO sync_runs (sync_id, started_at, finished_at, outcome, runs_seen, "
-            "rows_new, rows_updated, rows_deleted, seconds_total, error) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [sid, started, finished, outcome, seen, new, upd, dele, secs, err])
-
-
 @pytest.fixture
 def con(tmp_path):
-    con = warehouse.connect(tmp_path / "runs.duckdb")
-    warehouse.migrate(con)
-    insert_fixture(con)
-    warehouse.apply_views(con)
+    con = warehouse.connect(handmade_warehouse(tmp_path / "runs.duckdb"))
     yield con
     con.close()
-
-
-def rows(con, sql: str, params=None) -> list[dict]:
-    cur = con.execute(sql, params or [])
-    names = [d[0] for d in cur.description]
-    return [dict(zip(names, row)) for row in cur.fetchall()]
 
 
 def at_now(con, sql: str) -> tuple[datetime, list[dict]]:
@@ -273,3 +195,27 @@ def test_sync_health_reports_last_success_freshness_and_failures(con):
 def test_sync_history_has_rows_changed_per_attempt(con):
     got = {r["sync_id"]: r["rows_changed"] for r in rows(con, "SELECT * FROM sync_history")}
     assert got == {1: 12, 2: 0, 3: 6, 4: 0}
+
+
+# --- one home for the terminal statuses ---------------------------------------------------------
+
+def test_the_terminal_statuses_are_the_ones_the_readme_promises():
+    assert TERMINAL_STATUSES == TERMINAL
+
+
+def test_run_facts_and_open_runs_use_exactly_the_engines_terminal_statuses(tmp_path):
+    """sql/10_run_facts.sql gets its list from ``TERMINAL_STATUSES`` when applied: each of those
+    is terminal, every other status (unknown ones included) is open."""
+    statuses = sorted(TERMINAL_STATUSES) + ["running", "queued", "awaiting_human_feedback",
+                                            "paused", "COMPLETED"]
+    con = warehouse.connect(tmp_path / "runs.duckdb")
+    warehouse.migrate(con)
+    for i, status in enumerate(statuses):
+        con.execute("INSERT INTO runs (id, status, created_at, _first_seen_at, _synced_at) "
+                    "VALUES (?, ?, now(), now(), now())", [f"r{i}-{status}", status])
+    warehouse.apply_views(con)
+    facts = dict(con.execute("SELECT status, is_terminal FROM run_facts").fetchall())
+    assert facts == {s: s in TERMINAL_STATUSES for s in statuses}
+    open_ = {s for (s,) in con.execute("SELECT status FROM open_runs").fetchall()}
+    assert open_ == set(statuses) - TERMINAL_STATUSES
+    con.close()

@@ -1,7 +1,8 @@
-"""Helpers for integration tests: is the warehouse an exact mirror of the source?
+"""Helpers the tests share (fixtures live in ``conftest.py``, the fake API in ``fakeapi.py``).
 
 ``assert_mirror(db, sim)`` compares the DuckDB file with ``sim.snapshot()`` (or any id -> run dict
-in API shape) field by field; the rest reads the warehouse, runs the CLI and holds requests.
+in API shape) field by field; the rest reads the warehouse, builds settings, runs the CLI, holds
+simulator requests and writes the hand-made warehouse the view, report and status tests check.
 """
 
 from __future__ import annotations
@@ -14,13 +15,19 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import duckdb
 
+from runs_etl import warehouse
+from runs_etl.config import Settings, load_settings
+
+# What the README promises is terminal, written out by hand: the tests' oracle, not the code's.
 TERMINAL = frozenset({"completed", "failed", "stopped"})
+# Loggers that ``runs_etl.ops.logs.setup_logging`` configures for a process.
+LOGGERS = ("runs_etl", "apscheduler", "filelock", "httpx", "httpcore", "asyncio")
 # Fields the runs table stores in columns of the same name; anything else belongs in ``extra``.
 RUN_FIELDS = ("id", "group_id", "workflow_id", "input", "node_ids", "status", "progress",
               "definitions", "created_at", "finished_at", "workflow", "source")
@@ -62,7 +69,8 @@ def open_db(db):
         con.close()
 
 
-def _dicts(con, sql: str, params=None) -> list[dict]:
+def rows(con, sql: str, params=None) -> list[dict]:
+    """Rows of ``sql`` as dicts keyed by column name."""
     cur = con.execute(sql, params or [])
     names = [d[0] for d in cur.description]
     return [dict(zip(names, row)) for row in cur.fetchall()]
@@ -91,27 +99,27 @@ class Warehouse:
 def read_warehouse(db: Path) -> Warehouse:
     wh = Warehouse()
     with open_db(db) as con:
-        for row in _dicts(con, "SELECT * FROM runs"):
+        for row in rows(con, "SELECT * FROM runs"):
             for k in _RUN_JSON:
                 row[k] = _loads(row[k])
             for k in (*_RUN_TS, "_deleted_at"):
                 row[k] = instant(row[k])
             wh.runs[row["id"]] = row
             wh.run_id_counts[row["id"]] += 1
-        for row in _dicts(con, "SELECT * FROM workflows"):
+        for row in rows(con, "SELECT * FROM workflows"):
             row["definition"], row["extra"] = _loads(row["definition"]), _loads(row["extra"])
             for k in _WF_TS:
                 row[k] = instant(row[k])
             wh.workflows.append(row)
         wh.run_nodes = con.execute("SELECT run_id, position, node_id FROM run_nodes").fetchall()
-        wh.ledger = _dicts(con, "SELECT * FROM sync_runs ORDER BY sync_id")
-        wh.rejected = _dicts(con, "SELECT * FROM rejected_records ORDER BY page, item_index")
+        wh.ledger = rows(con, "SELECT * FROM sync_runs ORDER BY sync_id")
+        wh.rejected = rows(con, "SELECT * FROM rejected_records ORDER BY page, item_index")
     return wh
 
 
 def ledger(db: Path) -> list[dict]:
     with open_db(db) as con:
-        return _dicts(con, "SELECT * FROM sync_runs ORDER BY sync_id")
+        return rows(con, "SELECT * FROM sync_runs ORDER BY sync_id")
 
 
 def dump_tables(db: Path, tables: Iterable[str] = DATA_TABLES) -> dict[str, list]:
@@ -240,6 +248,21 @@ def oldest_open(snapshot: Mapping[str, Mapping], k: int) -> list[str]:
     return [r["id"] for r in runs[:k]]
 
 
+# --- settings ---------------------------------------------------------------------------------
+
+def settings_for(sim, db: Path, **sections) -> Settings:
+    """Settings for an in-process sync against ``sim`` (sections: {"sync": {...}} overrides)."""
+    env = {"RUNS_ETL_API_URL": sim.base_url, "RUNS_ETL_API_KEY": sim.api_key,
+           "RUNS_ETL_DUCKDB_PATH": str(db)}
+    return load_settings(None, env, sections, cwd=db.parent)
+
+
+def settings_for_db(db: Path, **analytics) -> Settings:
+    """Settings that only name a warehouse file (for the commands that read it)."""
+    return load_settings(None, {"RUNS_ETL_DUCKDB_PATH": str(db)},
+                         {"analytics": analytics} if analytics else None)
+
+
 # --- running the product --------------------------------------------------------------------
 
 def error_line(err: str) -> str:
@@ -284,3 +307,132 @@ def cli_process(args: list[str], env: Mapping[str, str], cwd: Path):
             if proc.poll() is None:
                 proc.kill()
             proc.wait(30)
+
+
+class Proc:
+    """A child process whose output lines are collected as they come."""
+
+    def __init__(self, args: list[str], env: dict | None, cwd: Path):
+        self.popen = subprocess.Popen(args, env=env, cwd=cwd, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True)
+        self.pid = self.popen.pid
+        self.lines: list[str] = []
+        self._seen = threading.Condition()
+        self._readers = [threading.Thread(target=self._read, args=(s,), daemon=True)
+                         for s in (self.popen.stdout, self.popen.stderr)]
+        for t in self._readers:
+            t.start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            with self._seen:
+                self.lines.append(line.rstrip("\n"))
+                self._seen.notify_all()
+
+    @property
+    def output(self) -> str:
+        with self._seen:
+            return "\n".join(self.lines)
+
+    def wait_for(self, text: str, timeout: float = 30) -> None:
+        with self._seen:
+            ok = self._seen.wait_for(
+                lambda: any(text in line for line in self.lines) or self.popen.poll() is not None,
+                timeout)
+            if not any(text in line for line in self.lines):
+                raise AssertionError(f"{text!r} never appeared (ok={ok}); output:\n{self.output}")
+
+    def finish(self, timeout: float = 60) -> int:
+        rc = self.popen.wait(timeout)
+        for t in self._readers:
+            t.join(5)
+        return rc
+
+
+# --- a hand-made warehouse: runs whose view numbers can be computed by hand -----------------
+
+T = datetime(2024, 3, 1, tzinfo=UTC)
+NOW = datetime.now(UTC)
+
+
+@dataclass
+class R:
+    """A run of the hand-made warehouse."""
+
+    id: str
+    wf: str | None
+    status: str
+    created: datetime
+    seconds: float | None = None  # finished_at - created_at; None = not finished
+    nodes: tuple[str, ...] = ()
+    deleted: bool = False
+
+    @property
+    def finished(self) -> datetime | None:
+        return None if self.seconds is None else self.created + timedelta(seconds=self.seconds)
+
+
+WORKFLOWS = {"wf-a": ("Invoice extraction", "flow"), "wf-b": ("Support <triage>", "handler"),
+             "wf-c": ("数据 ingestion", "ingestion")}
+RUNS = [
+    R("a1", "wf-a", "completed", T + timedelta(hours=1), 10, ("n1", "n2")),
+    R("a2", "wf-a", "completed", T + timedelta(hours=2), 20, ("n1",)),
+    R("a3", "wf-a", "failed", T + timedelta(hours=3), 30, ("n2", "n2")),
+    R("a4", "wf-a", "completed", T + timedelta(days=1, hours=1), 40.5),
+    R("a5", "wf-a", "stopped", T + timedelta(days=1, hours=2), 100),
+    R("a6", "wf-a", "running", T + timedelta(days=1, hours=3)),
+    R("a7", "wf-a", "completed", T + timedelta(hours=4), 1000, ("n9",), deleted=True),
+    R("b1", "wf-b", "failed", T + timedelta(minutes=5), 5, ("n3", "n1")),
+    # 23:30 in New York on March 1st is March 2nd in UTC: it must count on the 2nd.
+    R("b2", "wf-b", "failed", datetime(2024, 3, 1, 23, 30, tzinfo=timezone(timedelta(hours=-5))),
+      7),
+    R("b3", "wf-b", "completed", T + timedelta(hours=6), 3),
+    R("b4", "wf-b", "queued", NOW - timedelta(hours=1)),
+    R("b5", "wf-b", "awaiting_human_feedback", NOW - timedelta(hours=30)),
+    R("c1", "wf-c", "completed", T + timedelta(hours=7), 3600),
+    R("c2", "wf-c", "completed", T + timedelta(hours=8)),  # terminal, finished_at unknown
+    R("o1", "wf-gone", "failed", T + timedelta(hours=9), 50, ("n3",)),
+]
+LIVE = [r for r in RUNS if not r.deleted]
+# sync_id, outcome, started, seconds, runs_seen, new, updated, deleted, error
+SYNCS = [
+    (1, "success", T, 10.0, 12, 12, 0, 0, None),
+    (2, "failed", T + timedelta(hours=1), 2.0, None, None, None, None, "HTTP 500"),
+    (3, "success", NOW - timedelta(minutes=30), 4.0, 14, 2, 3, 1, None),
+    (4, "abandoned", NOW - timedelta(minutes=10), None, None, None, None, None, "killed"),
+]
+
+
+def insert_fixture(con) -> None:
+    for wid, (name, typ) in WORKFLOWS.items():
+        con.execute("INSERT INTO workflows (id, name, type, _first_seen_at, _synced_at) "
+                    "VALUES (?, ?, ?, now(), now())", [wid, name, typ])
+    for r in RUNS:
+        con.execute(
+            "INSERT INTO runs (id, workflow_id, status, created_at, finished_at, node_ids, "
+            "_first_seen_at, _synced_at, _deleted_at) VALUES (?, ?, ?, ?, ?, ?, now(), now(), ?)",
+            [r.id, r.wf, r.status, r.created, r.finished, list(r.nodes),
+             NOW if r.deleted else None])
+        for pos, node in enumerate(r.nodes):
+            con.execute("INSERT INTO run_nodes VALUES (?, ?, ?)", [r.id, pos, node])
+    for sid, outcome, started, secs, seen, new, upd, dele, err in SYNCS:
+        finished = None if secs is None else started + timedelta(seconds=secs)
+        con.execute(
+            "INSERT INTO sync_runs (sync_id, started_at, finished_at, outcome, runs_seen, "
+            "rows_new, rows_updated, rows_deleted, seconds_total, error) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [sid, started, finished, outcome, seen, new, upd, dele, secs, err])
+
+
+def handmade_warehouse(path: Path, *, views: bool = True) -> Path:
+    """A migrated warehouse file holding RUNS, WORKFLOWS and SYNCS (views applied unless
+    ``views=False``), closed; returns ``path``."""
+    con = warehouse.connect(path)
+    try:
+        warehouse.migrate(con)
+        insert_fixture(con)
+        if views:
+            warehouse.apply_views(con)
+    finally:
+        con.close()
+    return path
