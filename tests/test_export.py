@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
 from pathlib import Path
 
+import duckdb
 import pandas as pd
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
@@ -19,7 +21,8 @@ from runs_etl.config import load_settings
 from runs_etl.engine.sync import sync
 from runs_etl.errors import ConfigError, WarehouseError
 from runs_etl.outputs import export as export_mod
-from runs_etl.outputs.export import current_version, export_parquet
+from runs_etl.outputs.export import current_version, export_parquet, sql_view_names
+from runs_etl.warehouse.views import apply_views
 
 N_RUNS = 400
 
@@ -194,18 +197,38 @@ def test_concurrent_readers_only_ever_see_a_complete_version(synced):
     assert set(counts) <= {N_RUNS, N_RUNS - 50} and counts[-1] == N_RUNS - 50
 
 
-def test_only_the_current_and_previous_versions_are_kept(synced):
+def test_the_current_and_two_previous_versions_are_kept(synced):
     _, settings = synced
     root = root_of(settings)
     results = [export_parquet(settings) for _ in range(4)]
     (root / ".staging-killed").mkdir()  # what a killed export leaves behind
+    (root / ".analytics-killed.duckdb").write_bytes(b"half")
     results.append(export_parquet(settings))
     assert sorted(p.name for p in (root / "versions").iterdir()) == [
-        results[-2].version, results[-1].version]
+        r.version for r in results[-3:]]
     assert current_version(root) == results[-1].path.resolve()
     assert os.readlink(root / "current") == f"versions/{results[-1].version}"  # relocatable
     assert not list(root.glob(".staging-*")) and not list(root.glob(".current-*"))
-    assert results[-1].removed_versions == [results[-3].version]
+    assert not list(root.glob(".analytics-*"))
+    assert results[-1].removed_versions == [results[-4].version]
+
+
+def test_a_reader_that_resolved_current_before_a_switch_reads_all_its_files_one_export_later(
+        synced):
+    _, settings = synced
+    root = root_of(settings)
+    export_parquet(settings)
+    pinned = current_version(root)  # a reader resolves, then lists, then reads slowly
+    listed = sorted(pinned.rglob("*.parquet"))
+    soft_delete_first(settings, 10)
+    export_parquet(settings)  # the switch away from the reader's version
+    export_parquet(settings)  # and one more
+    con = duckdb.connect()
+    files = ", ".join(f"'{f}'" for f in listed if f.parent.parent.parent.name == "runs")
+    assert con.execute(f"SELECT count(*) FROM read_parquet([{files}])").fetchone() == (N_RUNS,)
+    assert all(f.is_file() for f in listed)
+    assert len(read_runs_ids(pinned)) == N_RUNS
+    assert len(read_runs_ids(root / "current")) == N_RUNS - 10
 
 
 def test_a_failed_export_leaves_the_current_version_alone(synced, tmp_path):
@@ -290,3 +313,105 @@ def test_a_current_folder_not_made_by_runs_etl_is_refused(synced):
     (root_of(settings) / "current").mkdir(parents=True)
     with pytest.raises(WarehouseError, match="not the link runs-etl maintains"):
         export_parquet(settings)
+
+
+# Columns computed from now() at query time: equal only up to the seconds between two queries.
+QUERY_TIME = {"age_seconds", "freshness_seconds"}
+VIEWS = ["run_facts", "status_daily", "workflow_duration_stats", "failure_rate_daily",
+         "open_runs", "stuck_runs", "node_usage", "sync_history", "sync_health"]
+
+
+def same_rows(con, a: str, b: str) -> bool:
+    """``a`` and ``b`` hold the same rows (as multisets), ``now()``-relative columns aside;
+    doubles to 6 decimals, since a sum's order (so its last bits) differs between scans."""
+    rel = con.sql(f"SELECT * FROM ({a})")
+    cols = ", ".join(f'round("{c}", 6)' if str(t) == "DOUBLE" else f'"{c}"'
+                     for c, t in zip(rel.columns, rel.types) if c not in QUERY_TIME)
+    return all(con.execute(f"SELECT count(*) FROM (SELECT {cols} FROM ({x}) EXCEPT ALL "
+                           f"SELECT {cols} FROM ({y}))").fetchall() == [(0,)]
+               for x, y in ((a, b), (b, a)))
+
+
+def synced_with_history(sim, settings) -> None:
+    """A second sync after changes, and soft-deleted runs: views that differ from a plain copy."""
+    sim.transition(40)
+    sim.add_runs(20)
+    con = warehouse.connect(settings.warehouse.duckdb_path)
+    sync(settings, con)
+    con.close()
+    soft_delete_first(settings, 7)
+
+
+def test_analytics_duckdb_gives_every_view_the_warehouse_rows_from_any_directory(
+        synced, tmp_path, monkeypatch):
+    sim, settings = synced
+    synced_with_history(sim, settings)
+    export_parquet(settings)
+    assert sql_view_names() == VIEWS  # a new sql/ view is exported and checked here
+    path = root_of(settings) / "analytics.duckdb"
+    header = path.read_bytes()[:20]
+    assert header[8:12] == b"DUCK" and int.from_bytes(header[12:20], "little") <= 68, \
+        "DuckDB 1.x reads storage versions 64..68 only"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # a BI tool's working directory is anywhere
+    con = duckdb.connect(str(path), read_only=True)
+    con.execute(f"ATTACH '{settings.warehouse.duckdb_path}' AS wh (READ_ONLY)")
+    for view in VIEWS:
+        assert same_rows(con, f"SELECT * FROM main.{view}", f"SELECT * FROM wh.main.{view}"), view
+    (n,) = con.execute("SELECT count(*) FROM run_facts").fetchone()
+    assert n == N_RUNS + 20 - 7
+    assert con.execute("SELECT count(*) FROM sync_runs").fetchone() == (2,)
+    con.close()
+
+
+def test_the_views_and_the_ledger_are_exported_as_parquet_tables_in_the_manifest(synced):
+    sim, settings = synced
+    synced_with_history(sim, settings)
+    result = export_parquet(settings)
+    manifest = json.loads((result.path / "_manifest.json").read_text())
+    cur = root_of(settings) / "current"
+    con = warehouse.connect(settings.warehouse.duckdb_path, read_only=True)
+    for name in ["sync_runs", "sync_state", *VIEWS]:
+        entry = manifest["tables"][name]
+        assert entry["kind"] == ("table" if name in ("sync_runs", "sync_state") else "view")
+        assert [str(p.relative_to(cur)) for p in (cur / name).glob("*.parquet")] == \
+            entry["files"]
+        parquet = f"SELECT * FROM read_parquet('{cur}/{name}/*.parquet')"
+        warehouse_rows = f"SELECT * FROM {name}"
+        if name == "sync_state":
+            warehouse_rows = "SELECT key, CAST(value AS VARCHAR) AS value, updated_at " \
+                             "FROM sync_state"
+        assert same_rows(con, parquet, warehouse_rows), name
+        assert con.execute(f"SELECT count(*) FROM ({parquet})").fetchone() == (entry["rows"],)
+    con.close()
+
+
+def test_an_open_analytics_connection_reads_each_new_export(synced):
+    _, settings = synced
+    export_parquet(settings)
+    path = root_of(settings) / "analytics.duckdb"
+    inode = path.stat().st_ino
+    con = duckdb.connect(str(path), read_only=True)
+    assert con.execute("SELECT count(*) FROM run_facts").fetchone() == (N_RUNS,)
+    soft_delete_first(settings, 30)
+    export_parquet(settings)
+    assert con.execute("SELECT count(*) FROM run_facts").fetchone() == (N_RUNS - 30,)
+    con.close()
+    assert path.stat().st_ino == inode  # unchanged SQL: the file is not replaced under readers
+
+
+def test_an_empty_warehouse_exports_views_that_read_as_empty(tmp_path):
+    db = tmp_path / "empty.duckdb"
+    con = warehouse.connect(db)
+    warehouse.migrate(con)
+    apply_views(con)
+    con.close()
+    settings = load_settings(None, {"RUNS_ETL_DUCKDB_PATH": str(db),
+                                    "RUNS_ETL_PARQUET_DIR": str(tmp_path / "pq")})
+    result = export_parquet(settings)
+    assert result.rows["runs"] == 0
+    con = duckdb.connect(str(tmp_path / "pq" / "analytics.duckdb"), read_only=True)
+    assert [con.execute(f"SELECT count(*) FROM {v}").fetchone()[0] for v in VIEWS] == \
+        [0] * (len(VIEWS) - 1) + [1]  # sync_health: always one row
+    con.close()

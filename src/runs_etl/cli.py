@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="last syncs from the ledger, row counts, freshness")
     _common(p)
     p.add_argument("--limit", type=int, default=10, help="syncs to show (default 10)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (freshness, running sync, rows, last syncs)")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("report", help="self-contained HTML report with charts")
@@ -153,7 +155,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from .outputs.status import print_status
 
     settings = settings_from_args(args)
-    print_status(settings, limit=args.limit)
+    print_status(settings, limit=args.limit, as_json=args.json)
     return EXIT_OK
 
 

@@ -4,9 +4,10 @@ Layout under ``export.parquet_dir`` (point BI tools at ``<root>/current/<table>/
 
     current -> versions/<version>          relative symlink, replaced in one rename
     versions/<version>/runs/year=YYYY/month=MM/part-<version>-<i>.parquet
-    versions/<version>/workflows/part-<version>.parquet
-    versions/<version>/run_nodes/part-<version>.parquet
+    versions/<version>/<table>/part-<version>.parquet   workflows, run_nodes, sync_runs,
+                                           sync_state and every view of ``sql/``, materialized
     versions/<version>/_manifest.json      rows and files per table, last sync id
+    analytics.duckdb, analytics.sql        views named like the warehouse's, over ``current``
 
 ``runs`` holds live runs only (soft-deleted runs are left out), one row per run in its latest
 state, Hive-partitioned by the UTC month of ``created_at``; ``run_nodes`` follows the same runs;
@@ -16,15 +17,24 @@ are written as strings, timestamps as UTC instants, zstd-compressed.
 A version is written under ``.staging-<version>/``, renamed into ``versions/`` and only then
 made ``current`` by ``os.replace`` of a symlink, which is atomic on POSIX: a reader resolves
 ``current`` to the previous complete version or to the new one, never to a partial one. The
-previous version stays on disk until the next export (a reader still holding it can finish);
-older ones are removed. File names carry the version, so a listing that straddles a switch fails
+two previous versions stay on disk (``KEEP_VERSIONS``): a reader that resolved ``current`` just
+before a switch can still read every file of its version after one more export; older ones are
+removed. File names carry the version, so a listing that straddles a switch fails
 loudly instead of mixing versions.
+
+``analytics.duckdb`` (DuckDB 1.x storage, so any 1.x CLI or BI driver opens it) holds no data: the
+tables are views over ``<root>/current`` (absolute paths: DuckDB resolves relative ones against the
+reader's working directory) and the ``sql/`` views on top, so a second machine or a BI tool gets the
+warehouse's catalogue without touching the warehouse. It is replaced only when its SQL changes, so
+a reader's open connection is not pulled from under it by every export.
 """
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import os
+import re
 import secrets
 import shutil
 from dataclasses import dataclass, field
@@ -38,14 +48,26 @@ from ..config import Settings
 from ..engine.staging import STAGING_PREFIX
 from ..errors import ConfigError, LockedError, WarehouseError
 from ..warehouse.connect import open_read_only
+from ..warehouse.views import apply_views, view_sql
 
 CURRENT = "current"
 VERSIONS = "versions"
 LOCK_FILE = ".export.lock"
 MANIFEST = "_manifest.json"
+ANALYTICS_DB = "analytics.duckdb"
+ANALYTICS_SQL = "analytics.sql"
+# The newest storage format DuckDB 1.x reads (2.x writes one that 1.x CLIs and drivers refuse).
+ANALYTICS_STORAGE_VERSION = "v1.4.0"
 LOCK_WAIT_SECONDS = 600.0  # a second exporter waits for the first instead of racing it
+# The new version plus two previous: a reader that resolved ``current`` before a switch keeps
+# every file of its version through one more export.
+KEEP_VERSIONS = 3
 # Internal bookkeeping that means nothing outside the warehouse.
-DROP_COLUMNS = {"runs": {"_deleted_at", "_sync_id"}, "workflows": {"_sync_id"}, "run_nodes": set()}
+DROP_COLUMNS = {"runs": {"_deleted_at", "_sync_id"}, "workflows": {"_sync_id"}, "run_nodes": set(),
+                "sync_runs": set(), "sync_state": set()}
+CORE_TABLES = ("runs", "workflows", "run_nodes")
+LEDGER_TABLES = ("sync_runs", "sync_state")
+VIEW_NAME = re.compile(r"^\s*CREATE\s+OR\s+REPLACE\s+VIEW\s+(\w+)", re.IGNORECASE | re.MULTILINE)
 
 
 @dataclass
@@ -65,9 +87,11 @@ class ExportResult:
         return self.root / VERSIONS / self.version
 
     def __str__(self) -> str:
-        tables = ", ".join(f"{n:,} {t}" for t, n in self.rows.items())
-        return (f"exported {tables} ({self.files} Parquet files, {self.bytes / 1e6:,.1f} MB) "
-                f"to {self.root / CURRENT} -> {VERSIONS}/{self.version}")
+        tables = ", ".join(f"{self.rows[t]:,} {t}" for t in CORE_TABLES if t in self.rows)
+        others = len(self.rows) - sum(t in self.rows for t in CORE_TABLES)
+        return (f"exported {tables} (+ {others} views and ledger tables; {self.files} Parquet "
+                f"files, {self.bytes / 1e6:,.1f} MB) to {self.root / CURRENT} -> "
+                f"{VERSIONS}/{self.version}; views over it in {self.root / ANALYTICS_DB}")
 
 
 def export_root(settings: Settings) -> Path:
@@ -142,8 +166,8 @@ def _export_locked(con, root: Path) -> ExportResult:
         raise WarehouseError(f"Parquet export to {root} failed: {e}") from None
     previous = current_version(root)
     _switch(root, version)
-    keep = {version} | ({previous.name} if previous is not None else set())
-    result.removed_versions = _prune(root, keep)
+    write_analytics_db(root)
+    result.removed_versions = _prune(root, version, previous)
     return result
 
 
@@ -160,8 +184,20 @@ def _sql_path(path: Path) -> str:
     return "'" + str(path).replace("'", "''") + "'"
 
 
+def _sql_texts() -> list[str]:
+    """The ``sql/`` files' texts in the order ``apply_views`` runs them."""
+    files = sorted((f for f in importlib.resources.files("runs_etl.sql").iterdir()
+                    if f.name.endswith(".sql")), key=lambda f: f.name)
+    return [f.read_text(encoding="utf-8") for f in files]
+
+
+def sql_view_names() -> list[str]:
+    """The views ``sql/`` defines, in the order ``apply_views`` creates them."""
+    return [m.group(1) for text in _sql_texts() for m in VIEW_NAME.finditer(text)]
+
+
 def _write_tables(con, staging: Path, version: str, result: ExportResult) -> dict:
-    """Three COPYs in one read transaction of a cursor: one consistent, committed snapshot."""
+    """Every COPY in one read transaction of a cursor: one consistent, committed snapshot."""
     cur = con.cursor()
     try:
         cur.begin()
@@ -175,6 +211,10 @@ def _write_tables(con, staging: Path, version: str, result: ExportResult) -> dic
             "run_nodes": (f"SELECT {_columns(cur, 'run_nodes')} FROM run_nodes AS t "
                           "JOIN runs AS r ON r.id = t.run_id AND r._deleted_at IS NULL"),
         }
+        for name in LEDGER_TABLES:
+            queries[name] = f"SELECT {_columns(cur, name)} FROM {name} AS t"
+        for name in sql_view_names():  # materialized as of this snapshot (ages: at export time)
+            queries[name] = f"SELECT * FROM {name}"
         tables = {}
         for name, query in queries.items():
             folder = staging / name
@@ -185,11 +225,15 @@ def _write_tables(con, staging: Path, version: str, result: ExportResult) -> dic
             else:
                 target = f"{_sql_path(folder / f'part-{version}.parquet')} ({opts})"
             (rows,) = cur.execute(f"COPY ({query}) TO {target}").fetchall()[0]
+            if name == "runs" and rows == 0:  # no partition, no file: readers' globs need one
+                empty = folder / f"part-{version}-empty.parquet"
+                cur.execute(f"COPY ({query} LIMIT 0) TO {_sql_path(empty)} ({opts})")
             files = sorted(p for p in folder.rglob("*.parquet"))
             result.rows[name] = rows
             result.files += len(files)
             result.bytes += sum(p.stat().st_size for p in files)
             tables[name] = {"rows": rows, "path": name,
+                            "kind": "table" if name in DROP_COLUMNS else "view",
                             "files": [str(p.relative_to(staging)) for p in files]}
         tables["runs"]["partitioning"] = "hive: year=YYYY/month=MM (UTC month of created_at)"
         last_sync = cur.execute("SELECT sync_id, finished_at FROM sync_runs WHERE outcome = "
@@ -215,8 +259,69 @@ def _switch(root: Path, version: str) -> None:
         raise WarehouseError(f"cannot switch {root / CURRENT} to version {version}: {e}") from None
 
 
-def _prune(root: Path, keep: set[str]) -> list[str]:
-    """Remove every version but the new and the previous one; returns their names."""
+def _table_views(cur: Path) -> list[str]:
+    """The warehouse's tables as views over the Parquet files of ``cur`` (the current link)."""
+    stmts = [
+        # Soft-deleted runs are not exported, so ``_deleted_at`` is NULL for every row, and the
+        # ``sql/`` views' ``WHERE _deleted_at IS NULL`` reads as it does in the warehouse.
+        "CREATE OR REPLACE VIEW runs AS SELECT *, CAST(NULL AS TIMESTAMPTZ) AS _deleted_at "
+        f"FROM read_parquet({_sql_path(cur / 'runs' / '**' / '*.parquet')}, "
+        "hive_partitioning = false);",
+    ]
+    for name in ("workflows", "run_nodes", *LEDGER_TABLES):
+        stmts.append(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM "
+                     f"read_parquet({_sql_path(cur / name / '*.parquet')});")
+    return stmts
+
+
+def analytics_sql(root: Path) -> str:
+    """The statements of ``analytics.duckdb``: the tables over ``current``, then ``sql/``."""
+    cur = Path(os.path.abspath(root)) / CURRENT
+    header = (f"-- runs-etl: the warehouse's catalogue over the Parquet export {cur}.\n"
+              "-- Another machine: replace that path, then run this file in any DuckDB.\n")
+    return header + "\n".join(_table_views(cur)) + "\n\n" + "\n".join(
+        view_sql(text) for text in _sql_texts())
+
+
+def write_analytics_db(root: Path) -> Path:
+    """(Re)write ``analytics.duckdb`` and ``analytics.sql`` when their SQL changed; a new file
+    is renamed into place, so a reader that has the old one open keeps a working catalogue."""
+    target, sql_file = root / ANALYTICS_DB, root / ANALYTICS_SQL
+    text = analytics_sql(root)
+    try:
+        if target.is_file() and sql_file.is_file() and \
+                sql_file.read_text(encoding="utf-8") == text:
+            return target
+        tmp = root / f".analytics-{secrets.token_hex(3)}.duckdb"
+        try:
+            con = duckdb.connect(str(tmp), config={
+                "storage_compatibility_version": ANALYTICS_STORAGE_VERSION})
+            try:
+                for stmt in _table_views(Path(os.path.abspath(root)) / CURRENT):
+                    con.execute(stmt)
+                apply_views(con)
+            finally:
+                con.close()
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        tmp_sql = root / f".analytics-{secrets.token_hex(3)}.sql"
+        tmp_sql.write_text(text, encoding="utf-8")
+        os.replace(tmp_sql, sql_file)
+    except duckdb.Error as e:
+        raise WarehouseError(f"cannot write {target}: {str(e).strip().splitlines()[0]}") from None
+    except OSError as e:
+        raise WarehouseError(f"cannot write {target}: {e}") from None
+    return target
+
+
+def _prune(root: Path, version: str, previous: Path | None) -> list[str]:
+    """Keep the new version and the ``KEEP_VERSIONS - 1`` newest others (the previous current
+    among them, whatever its name); remove the rest and return their names."""
+    others = sorted(p.name for p in (root / VERSIONS).iterdir() if p.name != version)
+    keep = {version, *others[-(KEEP_VERSIONS - 1):]}
+    if previous is not None:
+        keep.add(previous.name)
     removed = []
     for p in sorted((root / VERSIONS).iterdir()):
         if p.name not in keep and p.is_dir() and not p.is_symlink():
@@ -231,4 +336,6 @@ def _remove_leftovers(root: Path) -> None:
         if p.name.startswith(STAGING_PREFIX) and p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
         elif p.name.startswith(f".{CURRENT}-") and p.is_symlink():
+            p.unlink(missing_ok=True)
+        elif p.name.startswith(".analytics-") and p.is_file():
             p.unlink(missing_ok=True)

@@ -1,21 +1,40 @@
-"""``runs-etl status``: the last syncs from the ledger, row counts and freshness, as tables."""
+"""``runs-etl status``: freshness, a sync running now, row counts and the last syncs.
+
+``collect_status`` gathers everything once (read-only, through ``open_read_only``); people get
+rich tables that fit 80 columns, monitoring gets the same facts as one JSON object
+(``--json``). Text that comes from the ledger (error messages are written by servers) is shown
+escaped and stripped of control characters, so it can neither break the markup nor the terminal.
+"""
 
 from __future__ import annotations
 
+import json
 import sys
+from dataclasses import asdict
 from datetime import UTC, datetime
-from typing import TextIO
+from pathlib import Path
+from typing import Any, TextIO
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ..config import Settings
+from ..errors import LockedError
+from ..ops.lock import running
 from ..warehouse.connect import open_read_only
 from ..warehouse.views import TERMINAL_SQL
 
 DEFAULT_LIMIT = 10
 NON_TTY_WIDTH = 160  # cron mail and pipes get the whole table, not 80 squeezed columns
+WIDE = 120  # below this width the syncs table keeps its key columns and lists errors below it
 ERROR_WIDTH = 70
+ROWS = (("runs_live", "runs (live)"), ("runs_deleted", "runs (deleted at source)"),
+        ("runs_open", "runs still open"), ("workflows", "workflows"), ("run_nodes", "run_nodes"),
+        ("rejected_records", "rejected_records"), ("sync_runs", "sync_runs"))
+SYNC_COLUMNS = ("sync_id", "started_at", "finished_at", "outcome", "mode", "seconds_total",
+                "pages", "runs_seen", "rows_new", "rows_updated", "rows_deleted", "rows_rejected",
+                "error")
 
 
 def human_age(seconds: float | None) -> str:
@@ -31,15 +50,25 @@ def human_age(seconds: float | None) -> str:
     return f"{seconds / 86400:.1f} d"
 
 
-def _utc(ts: datetime | None) -> str:
-    return "" if ts is None else ts.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+def _utc(ts: datetime | None, fmt: str = "%Y-%m-%d %H:%M:%S") -> str:
+    return "" if ts is None else ts.astimezone(UTC).strftime(fmt)
 
 
 def _num(v) -> str:
     return "" if v is None else f"{v:,}"
 
 
-def row_counts(con) -> list[tuple[str, int]]:
+def safe(text: object, width: int | None = None) -> str:
+    """Text from outside (ledger, lock record) made printable: one line, no control characters
+    (an ``ESC [2J`` would clear the reader's screen), cut to ``width``, rich markup escaped."""
+    line = str(text).splitlines()[0] if str(text).strip() else ""
+    line = "".join(ch if ch.isprintable() else "?" for ch in line)
+    if width is not None and len(line) > width:
+        line = line[: max(width - 1, 0)] + "…"
+    return escape(line)
+
+
+def row_counts(con) -> dict[str, int]:
     """Rows per table, live and soft-deleted runs apart, plus the runs still open."""
     live, deleted, open_ = con.execute(f"""
         SELECT count(*) FILTER (WHERE _deleted_at IS NULL),
@@ -47,69 +76,152 @@ def row_counts(con) -> list[tuple[str, int]]:
                count(*) FILTER (WHERE _deleted_at IS NULL
                                 AND coalesce(status NOT IN {TERMINAL_SQL}, true))
         FROM runs""").fetchall()[0]
-    counts = [("runs (live)", live), ("runs (deleted at source)", deleted),
-              ("runs still open", open_)]
+    counts = {"runs_live": live, "runs_deleted": deleted, "runs_open": open_}
     for table in ("workflows", "run_nodes", "rejected_records", "sync_runs"):
-        (n,) = con.execute(f"SELECT count(*) FROM {table}").fetchall()[0]
-        counts.append((table, n))
+        (counts[table],) = con.execute(f"SELECT count(*) FROM {table}").fetchall()[0]
     return counts
 
 
-def _freshness(con, now: datetime) -> str:
-    last_ok = con.execute("SELECT sync_id, finished_at FROM sync_runs WHERE outcome = 'success' "
-                          "ORDER BY sync_id DESC LIMIT 1").fetchone()
-    (failed_since,) = con.execute(
-        "SELECT count(*) FROM sync_runs WHERE outcome IN ('failed', 'abandoned') "
-        "AND sync_id > ?", [last_ok[0] if last_ok else 0]).fetchall()[0]
-    if last_ok is None:
+def collect_status(settings: Settings, limit: int = DEFAULT_LIMIT,
+                   now: datetime | None = None) -> dict[str, Any]:
+    """Everything ``status`` shows, as one JSON-ready dict (timestamps as datetimes).
+
+    A sync running before the first publish (no file yet, or the file held) is reported, not an
+    error; a missing warehouse with no sync running is ``WarehouseError`` as before."""
+    now = now or datetime.now(UTC)
+    path = Path(settings.warehouse.duckdb_path)
+    holder = running(path)
+    status: dict[str, Any] = {
+        "warehouse": str(path), "now": now, "readable": False, "schema_version": None,
+        "freshness": {"last_success_sync_id": None, "last_success_finished_at": None,
+                      "age_seconds": None},
+        "failures_since_success": None,
+        "running": asdict(holder) if holder is not None else None,
+        "rows": None, "last_syncs": []}
+    if holder is not None and not path.is_file():
+        return status
+    try:
+        con = open_read_only(settings.warehouse)
+    except LockedError:
+        if holder is None:
+            raise
+        return status  # the running sync holds the file; it is the news
+    try:
+        status["readable"] = True
+        (status["schema_version"],) = con.execute(
+            "SELECT max(version) FROM schema_migrations").fetchall()[0]
+        last_ok = con.execute("SELECT sync_id, finished_at FROM sync_runs WHERE outcome = "
+                              "'success' ORDER BY sync_id DESC LIMIT 1").fetchall()
+        if last_ok:
+            sid, finished = last_ok[0]
+            status["freshness"] = {
+                "last_success_sync_id": sid, "last_success_finished_at": finished,
+                "age_seconds": None if finished is None else (now - finished).total_seconds()}
+        (status["failures_since_success"],) = con.execute(
+            "SELECT count(*) FROM sync_runs WHERE outcome IN ('failed', 'abandoned') "
+            "AND sync_id > ?", [last_ok[0][0] if last_ok else 0]).fetchall()[0]
+        status["rows"] = row_counts(con)
+        rows = con.execute(f"SELECT {', '.join(SYNC_COLUMNS)} FROM sync_runs "
+                           "ORDER BY sync_id DESC LIMIT ?", [max(limit, 0)]).fetchall()
+        status["last_syncs"] = [dict(zip(SYNC_COLUMNS, r)) for r in rows]
+    finally:
+        con.close()
+    return status
+
+
+def status_json(status: dict[str, Any]) -> str:
+    """One line of JSON; timestamps as ISO 8601 in UTC."""
+    def default(v):
+        if isinstance(v, datetime):
+            return v.astimezone(UTC).isoformat()
+        raise TypeError(f"{type(v).__name__} is not JSON serializable")
+    return json.dumps(status, default=default, ensure_ascii=False)
+
+
+def _running_line(holder: dict[str, Any]) -> str:
+    pages = "" if holder["pages"] is None else f", {holder['pages']:,} pages so far"
+    who = f"pid {holder['pid']}" + ("" if holder["host"] in ("?", "") else
+                                    f" on {holder['host']}")
+    return (f"[bold cyan]Sync running now:[/] {safe(who)} ({safe(holder['command'])}), "
+            f"since {safe(holder['started_at'])}{safe(pages)}")
+
+
+def _freshness_line(status: dict[str, Any]) -> str:
+    fresh = status["freshness"]
+    if fresh["last_success_sync_id"] is None:
         line = "[bold red]No successful sync yet.[/]"
     else:
-        age = (now - last_ok[1]).total_seconds()
-        line = (f"Last successful sync: [bold]#{last_ok[0]}[/], finished {_utc(last_ok[1])} UTC "
-                f"([bold]{human_age(age)} ago[/])")
-    if failed_since:
-        line += f"  [red]{failed_since} failed attempt(s) since.[/]"
+        line = (f"Last successful sync: [bold]#{fresh['last_success_sync_id']}[/], finished "
+                f"{_utc(fresh['last_success_finished_at'])} UTC "
+                f"([bold]{human_age(fresh['age_seconds'])} ago[/])")
+    if status["failures_since_success"]:
+        line += f"  [red]{status['failures_since_success']} failed attempt(s) since.[/]"
     return line
 
 
-def sync_table(con, limit: int) -> Table:
+def sync_table(syncs: list[dict[str, Any]], limit: int, wide: bool = True) -> Table:
+    """The last syncs; narrow keeps the columns people scan and drops the row details."""
     table = Table(title=f"Last {limit} syncs (newest first)", title_justify="left")
-    for name in ("#", "started (UTC)", "outcome", "mode", "secs", "pages", "runs seen", "new",
-                 "updated", "deleted", "rejected", "error"):
-        table.add_column(name, justify="left" if name in ("started (UTC)", "outcome", "mode",
-                                                          "error") else "right")
+    names = (("#", "started (UTC)", "outcome", "mode", "secs", "pages", "runs seen", "new",
+              "updated", "deleted", "rejected", "error") if wide else
+             ("#", "started (UTC)", "outcome", "mode", "secs", "runs seen", "changed"))
+    for name in names:
+        table.add_column(name, no_wrap=name != "error",
+                         justify="left" if name in ("started (UTC)", "outcome", "mode", "error")
+                         else "right")
     colors = {"success": "green", "failed": "red", "abandoned": "yellow", "running": "cyan"}
-    for (sid, started, outcome, mode, secs, pages, seen, new, upd, dele, rej,
-         err) in con.execute("""
-            SELECT sync_id, started_at, outcome, mode, seconds_total, pages, runs_seen, rows_new,
-                   rows_updated, rows_deleted, rows_rejected, error
-            FROM sync_runs ORDER BY sync_id DESC LIMIT ?""", [limit]).fetchall():
-        err = (err or "").splitlines()[0] if err else ""
-        if len(err) > ERROR_WIDTH:
-            err = err[: ERROR_WIDTH - 1] + "…"
-        table.add_row(str(sid), _utc(started), f"[{colors.get(outcome, 'white')}]{outcome}[/]",
-                      mode or "", "" if secs is None else f"{secs:.1f}", _num(pages), _num(seen),
-                      _num(new), _num(upd), _num(dele), _num(rej), err)
+    for s in syncs:
+        outcome = f"[{colors.get(s['outcome'], 'white')}]{safe(s['outcome'])}[/]"
+        secs = "" if s["seconds_total"] is None else f"{s['seconds_total']:.1f}"
+        if wide:
+            err = safe(s["error"] or "", ERROR_WIDTH)
+            table.add_row(str(s["sync_id"]), _utc(s["started_at"]), outcome,
+                          safe(s["mode"] or ""), secs, _num(s["pages"]), _num(s["runs_seen"]),
+                          _num(s["rows_new"]), _num(s["rows_updated"]), _num(s["rows_deleted"]),
+                          _num(s["rows_rejected"]), err)
+        else:
+            parts = [s[k] for k in ("rows_new", "rows_updated", "rows_deleted")]
+            changed = None if all(v is None for v in parts) else sum(v or 0 for v in parts)
+            table.add_row(str(s["sync_id"]), _utc(s["started_at"], "%m-%d %H:%M"), outcome,
+                          safe(s["mode"] or ""), secs, _num(s["runs_seen"]), _num(changed))
     return table
 
 
-def print_status(settings: Settings, limit: int = DEFAULT_LIMIT,
-                 stream: TextIO | None = None) -> None:
-    """Print freshness, rows per table and the last ``limit`` syncs; opens the DB read-only."""
+def render_status(console: Console, status: dict[str, Any], limit: int) -> None:
+    """The human ``status``: a few lines and two tables, within ``console.width``."""
+    schema = f"schema v{status['schema_version']}, " if status["readable"] else ""
+    console.print(f"Warehouse [bold]{safe(status['warehouse'])}[/] "
+                  f"({schema}now {_utc(status['now'])} UTC)")
+    if status["running"] is not None:
+        console.print(_running_line(status["running"]))
+    if not status["readable"]:
+        console.print("No published warehouse to read yet: tables and the ledger appear when "
+                      "the running sync has committed.")
+        return
+    console.print(_freshness_line(status))
+    counts = Table(title="Rows", title_justify="left")
+    counts.add_column("table")
+    counts.add_column("rows", justify="right")
+    for key, label in ROWS:
+        counts.add_row(label, f"{status['rows'][key]:,}")
+    console.print(counts)
+    wide = console.width >= WIDE
+    console.print(sync_table(status["last_syncs"], max(limit, 0), wide=wide))
+    if not wide:
+        for s in status["last_syncs"]:
+            if s["error"]:
+                prefix = f"  #{s['sync_id']}: "
+                console.print(prefix + safe(s["error"], console.width - len(prefix)),
+                              overflow="ellipsis", no_wrap=True)
+
+
+def print_status(settings: Settings, limit: int = DEFAULT_LIMIT, stream: TextIO | None = None,
+                 as_json: bool = False) -> None:
+    """Print the status as tables (or one JSON object); opens the DB read-only."""
     out = stream or sys.stdout
+    status = collect_status(settings, limit)
+    if as_json:
+        print(status_json(status), file=out)
+        return
     console = Console(file=out, width=None if out.isatty() else NON_TTY_WIDTH, highlight=False)
-    con = open_read_only(settings.warehouse)
-    try:
-        (version,) = con.execute("SELECT max(version) FROM schema_migrations").fetchall()[0]
-        console.print(f"Warehouse [bold]{settings.warehouse.duckdb_path}[/] "
-                      f"(schema v{version}, now {_utc(datetime.now(UTC))} UTC)")
-        console.print(_freshness(con, datetime.now(UTC)))
-        counts = Table(title="Rows", title_justify="left")
-        counts.add_column("table")
-        counts.add_column("rows", justify="right")
-        for name, n in row_counts(con):
-            counts.add_row(name, f"{n:,}")
-        console.print(counts)
-        console.print(sync_table(con, max(limit, 0)))
-    finally:
-        con.close()
+    render_status(console, status, limit)
