@@ -33,6 +33,10 @@ max_attempts = 4
 backoff_base = 0.25
 backoff_max = 9
 max_pages = 500
+allow_http = true
+request_deadline = 45
+max_response_bytes = 1048576
+ca_bundle = "/etc/ssl/corp-ca.pem"
 
 [warehouse]
 duckdb_path = "/data/runs.duckdb"
@@ -47,6 +51,7 @@ lookback = "15m"
 full_refresh_every = "7d"
 max_delete_fraction = 0.2
 max_single_refreshes = 50
+max_duration = "20m"
 
 [export]
 parquet_dir = "/data/parquet"
@@ -55,7 +60,6 @@ parquet_dir = "/data/parquet"
 stuck_after = "2h"
 
 [schedule]
-cron = "*/15 * * * *"
 interval = "15m"
 jitter = "30s"
 misfire_grace = 120
@@ -155,6 +159,9 @@ def test_every_key_of_a_full_toml_parses(tmp_path):
     assert (s.api.page_size, s.api.concurrency, s.api.timeout) == (25, 3, 12.5)
     assert (s.api.max_attempts, s.api.backoff_base, s.api.backoff_max) == (4, 0.25, 9.0)
     assert s.api.max_pages == 500
+    assert (s.api.allow_http, s.api.request_deadline) == (True, 45)
+    assert s.api.max_response_bytes == 1048576
+    assert s.api.ca_bundle == Path("/etc/ssl/corp-ca.pem")
     assert s.warehouse.duckdb_path == Path("/data/runs.duckdb")
     assert (s.warehouse.memory_limit, s.warehouse.lock_wait) == ("512MB", 5)
     assert (s.sync.batch_pages, s.sync.max_walk_passes) == (7, 4)
@@ -162,9 +169,10 @@ def test_every_key_of_a_full_toml_parses(tmp_path):
     assert s.sync.lookback == timedelta(minutes=15)
     assert s.sync.full_refresh_every == timedelta(days=7)
     assert (s.sync.max_delete_fraction, s.sync.max_single_refreshes) == (0.2, 50)
+    assert s.sync.max_duration == timedelta(minutes=20)
     assert s.export.parquet_dir == Path("/data/parquet")
     assert s.analytics.stuck_after == timedelta(hours=2)
-    assert s.schedule.cron == "*/15 * * * *"
+    assert s.schedule.cron is None  # cron and interval exclusive: cron is tested on its own
     assert s.schedule.interval == timedelta(minutes=15)
     assert s.schedule.jitter == timedelta(seconds=30)
     assert s.schedule.misfire_grace == timedelta(seconds=120)
@@ -176,11 +184,17 @@ def test_every_key_of_a_full_toml_parses(tmp_path):
 def test_full_toml_above_covers_every_setting():
     """Keeps FULL_TOML honest: a new setting must be added to it (and so be tested)."""
     doc = tomllib.loads(FULL_TOML)
+    doc["schedule"]["cron"] = "exclusive with interval: see test_cron_in_a_file_parses"
     assert set(doc) == set(Settings.model_fields)
     for section, field in Settings.model_fields.items():
         model = field.annotation
         assert isinstance(model, type) and issubclass(model, BaseModel)
         assert set(doc[section]) == set(model.model_fields), section
+
+
+def test_cron_in_a_file_parses(tmp_path):
+    s = load_settings(write(tmp_path, '[schedule]\ncron = "*/15 * * * *"\n'), {})
+    assert s.schedule.cron == "*/15 * * * *"
 
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "config.example.toml"
@@ -197,7 +211,9 @@ def test_config_example_documents_every_setting(tmp_path):
     for section, field in Settings.model_fields.items():
         missing = set(field.annotation.model_fields) - set(doc.get(section, {}))
         assert not missing, f"config.example.toml lacks [{section}] {sorted(missing)}"
-    load_settings(write(tmp_path, text), {})
+    # cron and interval are alternatives: each must parse, not both at once.
+    load_settings(write(tmp_path, re.sub(r"(?m)^interval = .*$", "", text)), {})
+    load_settings(write(tmp_path, re.sub(r"(?m)^cron = .*$", "", text)), {})
 
 
 def test_every_setting_has_a_description():
@@ -239,7 +255,9 @@ def test_http_and_https_urls_are_accepted(tmp_path, url):
 
 def test_unknown_keys_and_sections_are_rejected(tmp_path):
     err = load_error(write(tmp_path, '[api]\npagesize = 10\n[warehous]\npath = "x"\n'), {})
-    assert sorted(err.problems) == ["api.pagesize: unknown setting", "warehous: unknown setting"]
+    assert sorted(p.split(" (from")[0] for p in err.problems) == [
+        "api.pagesize: unknown setting; did you mean api.page_size?",
+        "warehous: unknown setting; did you mean warehouse?"]
 
 
 @pytest.mark.parametrize(("text", "expected"), [

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import Settings, load_settings
-from .errors import EXIT_INTERRUPTED, EXIT_OK, RunsEtlError
+from .errors import EXIT_INTERRUPTED, EXIT_OK, RunsEtlError, one_line
 from .ops.logs import log_failure, setup_logging
 
 DEMO_RUNS = 20_000
@@ -201,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _sigterm_interrupts():
             return args.func(args)
     except RunsEtlError as e:
-        print(f"Error: {e}", file=sys.stderr)
+        print(f"Error: {one_line(str(e))}", file=sys.stderr)  # one line, whatever it quotes
         return e.exit_code
     except KeyboardInterrupt:
         print("Error: interrupted; nothing partial was committed", file=sys.stderr)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import duckdb
 
-from ..config import WarehouseSettings
+from ..config import MEMORY_LIMIT, WarehouseSettings
 from ..errors import ConfigError, LockedError, WarehouseError
 
 # A file holding these tables was written by runs-etl.
@@ -20,6 +20,10 @@ REQUIRED_TABLES = ("runs", "workflows", "run_nodes", "sync_runs")
 def connect(path: Path, *, memory_limit: str = "256MB", read_only: bool = False):
     """Open (creating its folder) the warehouse; a file held by another process is LockedError."""
     path = Path(path)
+    memory_limit = memory_limit.strip()
+    if not MEMORY_LIMIT.match(memory_limit):  # it is formatted into SQL below: nothing else passes
+        raise ConfigError([f"warehouse.memory_limit: {memory_limit!r} is not a memory size "
+                           "(use e.g. 256MB, 2GB, 1.5GiB)"])
     try:
         if not read_only:
             path.parent.mkdir(parents=True, exist_ok=True)
