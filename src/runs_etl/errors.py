@@ -5,9 +5,10 @@
     ├── ApiError                               anything the API did wrong
     │   ├── AuthError                 exit 3   401 / 403: the API key is missing or wrong
     │   ├── RetryableApiError                  429, 5xx, timeouts, bad bodies (retried, then raised)
-    │   ├── FatalApiError                      other 4xx (422, 404 ...): retrying will not help
+    │   ├── FatalApiError                      other 4xx (422, 404 ...), redirect off the API's
+    │   │                                      origin, oversized body: retrying will not help
     │   └── WalkError                          the server never ends, or the walk cannot be trusted
-    ├── DeadlineError                          the sync ran past sync.max_duration (nothing committed)
+    ├── DeadlineError                          the sync ran past sync.max_duration
     ├── DataError                              too many records failed validation
     └── WarehouseError                         DuckDB could not be opened / migrated / written
         └── LockedError               exit 75  another writer holds the warehouse
