@@ -53,9 +53,6 @@ ENV_VARS: dict[str, tuple[str, str]] = {
 
 # What DuckDB's memory_limit accepts, strictly: the value is formatted into a SET statement.
 MEMORY_LIMIT = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$", re.IGNORECASE)
-# What an HTTP header value may hold (visible ASCII and inner spaces); anything else in a key is
-# a copy-paste accident that would otherwise surface as an error quoting the key.
-_HEADER_SAFE = re.compile(r"^[\x20-\x7e]*$")
 _USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")
 
 
@@ -153,7 +150,9 @@ class ApiSettings(_Section):
         if not isinstance(raw, str):
             return key
         raw = raw.strip()  # a CRLF env file or a TOML value with a newline
-        bad = next((i for i, c in enumerate(raw) if not _HEADER_SAFE.match(c)), None)
+        # An HTTP header value holds visible ASCII and inner spaces; anything else is a
+        # copy-paste accident that would otherwise surface as an error quoting the key.
+        bad = next((i for i, c in enumerate(raw) if not " " <= c <= "~"), None)
         if bad is not None:  # never quote the key itself
             raise ValueError(f"the key has a character that cannot be sent in an HTTP header "
                              f"(non-ASCII or control character at position {bad + 1}); "
@@ -339,7 +338,7 @@ def load_settings(
         if env.get(name, "") != "":
             from_env.setdefault(section, {})[key] = env[name]
             # Never echo the key; other values are shown as given, on one line.
-            shown = name if key == "key" else f"{name}={one_line(env[name], 80)}"
+            shown = name if key == "key" else f"{name}={one_line(redact_url(env[name]), 80)}"
             origins[(section, key)] = shown
     data = _deep_merge(data, from_env)
     if overrides:
