@@ -32,6 +32,10 @@ max_attempts = 4
 backoff_base = 0.25
 backoff_max = 9
 max_pages = 500
+allow_http = true
+request_deadline = 45
+max_response_bytes = 1048576
+ca_bundle = "/etc/ssl/corp-ca.pem"
 
 [warehouse]
 duckdb_path = "/data/runs.duckdb"
@@ -47,6 +51,7 @@ lookback = "15m"
 full_refresh_every = "7d"
 max_delete_fraction = 0.2
 max_single_refreshes = 50
+max_duration = "20m"
 
 [export]
 parquet_dir = "/data/parquet"
@@ -55,7 +60,6 @@ parquet_dir = "/data/parquet"
 stuck_after = "2h"
 
 [schedule]
-cron = "*/15 * * * *"
 interval = "15m"
 jitter = "30s"
 misfire_grace = 120
@@ -155,6 +159,9 @@ def test_every_key_of_a_full_toml_parses(tmp_path):
     assert (s.api.page_size, s.api.concurrency, s.api.timeout) == (25, 3, 12.5)
     assert (s.api.max_attempts, s.api.backoff_base, s.api.backoff_max) == (4, 0.25, 9.0)
     assert s.api.max_pages == 500
+    assert (s.api.allow_http, s.api.request_deadline) == (True, 45)
+    assert s.api.max_response_bytes == 1048576
+    assert s.api.ca_bundle == Path("/etc/ssl/corp-ca.pem")
     assert s.warehouse.duckdb_path == Path("/data/runs.duckdb")
     assert (s.warehouse.memory_limit, s.warehouse.lock_wait) == ("512MB", 5)
     assert s.warehouse.storage_compatibility == "v1.2.0"
@@ -163,9 +170,10 @@ def test_every_key_of_a_full_toml_parses(tmp_path):
     assert s.sync.lookback == timedelta(minutes=15)
     assert s.sync.full_refresh_every == timedelta(days=7)
     assert (s.sync.max_delete_fraction, s.sync.max_single_refreshes) == (0.2, 50)
+    assert s.sync.max_duration == timedelta(minutes=20)
     assert s.export.parquet_dir == Path("/data/parquet")
     assert s.analytics.stuck_after == timedelta(hours=2)
-    assert s.schedule.cron == "*/15 * * * *"
+    assert s.schedule.cron is None  # cron and interval exclusive: cron is tested on its own
     assert s.schedule.interval == timedelta(minutes=15)
     assert s.schedule.jitter == timedelta(seconds=30)
     assert s.schedule.misfire_grace == timedelta(seconds=120)
@@ -177,11 +185,17 @@ def test_every_key_of_a_full_toml_parses(tmp_path):
 def test_full_toml_above_covers_every_setting():
     """Keeps FULL_TOML honest: a new setting must be added to it (and so be tested)."""
     doc = tomllib.loads(FULL_TOML)
+    doc["schedule"]["cron"] = "exclusive with interval: see test_cron_in_a_file_parses"
     assert set(doc) == set(Settings.model_fields)
     for section, field in Settings.model_fields.items():
         model = field.annotation
         assert isinstance(model, type) and issubclass(model, BaseModel)
         assert set(doc[section]) == set(model.model_fields), section
+
+
+def test_cron_in_a_file_parses(tmp_path):
+    s = load_settings(write(tmp_path, '[schedule]\ncron = "*/15 * * * *"\n'), {})
+    assert s.schedule.cron == "*/15 * * * *"
 
 
 def test_every_setting_has_a_description():
@@ -223,7 +237,9 @@ def test_http_and_https_urls_are_accepted(tmp_path, url):
 
 def test_unknown_keys_and_sections_are_rejected(tmp_path):
     err = load_error(write(tmp_path, '[api]\npagesize = 10\n[warehous]\npath = "x"\n'), {})
-    assert sorted(err.problems) == ["api.pagesize: unknown setting", "warehous: unknown setting"]
+    assert sorted(p.split(" (from")[0] for p in err.problems) == [
+        "api.pagesize: unknown setting; did you mean api.page_size?",
+        "warehous: unknown setting; did you mean warehouse?"]
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -310,3 +326,84 @@ def test_key_from_file_never_shown_in_repr(tmp_path):
     key_file = write(tmp_path, SECRET, name="key")
     s = load_settings(None, {"RUNS_ETL_API_KEY_FILE": str(key_file)}, cwd=tmp_path)
     assert SECRET not in repr(s)
+
+
+# --- hardening (issue 9) -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("raw", [f"{SECRET}\n", f"{SECRET}\r\n", f"  {SECRET}\t"])
+def test_whitespace_around_the_key_is_stripped_wherever_it_comes_from(tmp_path, raw):
+    from_env = load_settings(None, {"RUNS_ETL_API_KEY": raw}, cwd=tmp_path)
+    from_toml = load_settings(write(tmp_path, f"[api]\nkey = {raw!r}\n".replace("'", '"')), {})
+    assert from_env.api_key() == from_toml.api_key() == SECRET
+
+
+@pytest.mark.parametrize("bad", [f"{SECRET}é", f"sk\n{SECRET}", f"{SECRET}\x00x"])
+def test_a_key_that_cannot_be_a_header_is_refused_without_printing_it(tmp_path, bad):
+    err = load_error(None, {"RUNS_ETL_API_KEY": bad}, cwd=tmp_path)
+    assert err.problems[0].startswith("api.key:") and "RUNS_ETL_API_KEY" in err.problems[0]
+    assert SECRET not in str(err) and SECRET not in repr(err)
+    key_file = write(tmp_path, bad, name="key")
+    err = load_error(None, {"RUNS_ETL_API_KEY_FILE": str(key_file)}, cwd=tmp_path)
+    assert "api.key_file" in str(err) and SECRET not in str(err)
+
+
+@pytest.mark.parametrize("url", ["http://api.example.com", "http://10.0.0.5:8000",
+                                 "http://backend.noxus.ai/"])
+def test_plain_http_to_another_host_needs_allow_http(tmp_path, url):
+    err = load_error(None, {"RUNS_ETL_API_URL": url}, cwd=tmp_path)
+    assert "api.allow_http" in str(err) and "api.url" in str(err)
+    allowed = load_settings(None, {"RUNS_ETL_API_URL": url}, {"api": {"allow_http": True}},
+                            cwd=tmp_path)
+    assert allowed.api.url == url
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8000", "http://localhost", "http://[::1]:9"])
+def test_plain_http_to_loopback_is_fine(tmp_path, url):
+    assert load_settings(None, {"RUNS_ETL_API_URL": url}, cwd=tmp_path).api.url == url
+
+
+def test_credentials_in_a_bad_url_are_not_echoed(tmp_path):
+    err = load_error(None, {"RUNS_ETL_API_URL": "http://ana:pw-42@api.example.com"},
+                     cwd=tmp_path)
+    assert "pw-42" not in str(err) and "***@api.example.com" in str(err)
+
+
+@pytest.mark.parametrize("value", ["256MB'; CREATE TABLE pwned (x INT); --", "lots", "1 PB",
+                                   "-5GB"])
+def test_memory_limit_must_be_a_plain_size(tmp_path, value):
+    err = load_error(write(tmp_path, f'[warehouse]\nmemory_limit = "{value}"\n'.replace(
+        "'", "\\u0027")), {})
+    assert err.problems[0].startswith("warehouse.memory_limit")
+
+
+@pytest.mark.parametrize("value", ["512MB", "2gb", "1.5 GiB", "100000KB", "64mib"])
+def test_memory_limit_sizes_duckdb_knows_are_accepted(tmp_path, value):
+    s = load_settings(write(tmp_path, f'[warehouse]\nmemory_limit = "{value}"\n'), {})
+    assert s.warehouse.memory_limit == value
+
+
+def test_every_problem_is_listed_at_once_with_a_suggestion(tmp_path):
+    conf = write(tmp_path, '[api]\npage_size = 0\n[warehouse]\nduckdb_pth = "x.duckdb"\n'
+                           '[schedule]\ncron = "*/15 * * * *"\ninterval = "15m"\n'
+                           'timezone = "Mars/Olympus_Mons"\n')
+    err = load_error(conf, {})
+    joined = "\n".join(err.problems)
+    assert len(err.problems) == 4, err.problems
+    assert "api.page_size" in joined and "schedule.timezone" in joined
+    assert "did you mean warehouse.duckdb_path?" in joined
+    assert "both are set" in joined
+    assert all(f"(from {conf})" in p for p in err.problems)
+
+
+def test_each_problem_names_where_its_value_came_from(tmp_path):
+    conf = write(tmp_path, "[api]\nconcurrency = 0\n")
+    err = load_error(conf, {"RUNS_ETL_PAGE_SIZE": "abc"}, {"api": {"timeout": -1}})
+    by_key = {p.split(":")[0]: p for p in err.problems}
+    assert by_key["api.page_size"].endswith("(from RUNS_ETL_PAGE_SIZE=abc)")
+    assert by_key["api.concurrency"].endswith(f"(from {conf})")
+    assert by_key["api.timeout"].endswith("(from the command line)")
+
+
+def test_max_duration_must_be_positive(tmp_path):
+    err = load_error(write(tmp_path, '[sync]\nmax_duration = "0s"\n'), {})
+    assert err.problems[0].startswith("sync.max_duration")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import Settings, load_settings
-from .errors import EXIT_INTERRUPTED, EXIT_OK, RunsEtlError
+from .errors import EXIT_INTERRUPTED, EXIT_OK, RunsEtlError, one_line
 from .ops.logs import log_failure, setup_logging
 from .ops.signals import signals_interrupt, was_interrupted
 
@@ -187,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RunsEtlError as e:
         if was_interrupted():
             return _interrupted()
-        print(f"Error: {e}", file=sys.stderr)
+        print(f"Error: {one_line(str(e))}", file=sys.stderr)  # one line, whatever it quotes
         return e.exit_code
     except Exception:
         if was_interrupted():  # DuckDB's "Query interrupted": the signal, not a bug

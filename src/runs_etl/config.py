@@ -6,12 +6,16 @@ else receives the resulting ``Settings`` explicitly.
 
 from __future__ import annotations
 
+import difflib
+import ipaddress
 import re
 import tomllib
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
     BaseModel,
@@ -20,10 +24,11 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
 )
 
-from .errors import ConfigError
+from .errors import ConfigError, one_line
 
 DEFAULT_CONFIG_FILE = "runs-etl.toml"
 DEFAULT_API_URL = "https://backend.noxus.ai"
@@ -32,6 +37,8 @@ DEFAULT_PAGE_SIZE = 100
 DEFAULT_CONCURRENCY = 8
 # DuckDB 1.4 and newer (CLI, BI drivers, notebooks) read files written in this format.
 DEFAULT_STORAGE_COMPATIBILITY = "v1.4.0"
+DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_DURATION = timedelta(hours=1)
 
 # env var -> (section, key). Only these are read; see interface.md for the contract.
 ENV_VARS: dict[str, tuple[str, str]] = {
@@ -45,6 +52,40 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "RUNS_ETL_LOG_FORMAT": ("logging", "format"),
     "RUNS_ETL_LOG_LEVEL": ("logging", "level"),
 }
+
+# What DuckDB's memory_limit accepts, strictly: the value is formatted into a SET statement.
+MEMORY_LIMIT = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$", re.IGNORECASE)
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")
+
+
+def redact_url(url: str) -> str:
+    """``url`` without the credentials it may carry (``https://user:pass@host`` -> ``***@``)."""
+    return _USERINFO.sub(r"\1***@", url)
+
+
+def is_loopback(url: str) -> bool:
+    """Does ``url`` point at this machine (``localhost``, 127.0.0.0/8, ``::1``)?"""
+    try:
+        host = urlsplit(url).hostname or ""
+    except ValueError:
+        return False
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_timezone(name: str) -> str:
+    """``name`` if it is an IANA timezone, else ValueError saying what to use."""
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown timezone {name!r} (use an IANA name such as UTC or "
+                         "Europe/Lisbon)") from None
+    return name
+
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)?\s*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
@@ -71,6 +112,8 @@ class _Section(BaseModel):
 
 
 class ApiSettings(_Section):
+    # Declared before ``url`` so the url check below can see it.
+    allow_http: bool = Field(False, description="allow plain http:// to a non-loopback host")
     url: str = Field(DEFAULT_API_URL, description="API base URL")
     key: SecretStr | None = Field(None, description="API key, sent as X-API-Key")
     key_file: Path | None = Field(None, description="file holding the API key")
@@ -81,15 +124,42 @@ class ApiSettings(_Section):
     backoff_base: float = Field(0.5, ge=0, description="first retry wait, seconds (doubles)")
     backoff_max: float = Field(30.0, ge=0, description="longest single wait, seconds")
     max_pages: int = Field(100_000, ge=1, description="guard against a server that never ends")
+    request_deadline: float | None = Field(
+        None, gt=0, description="seconds for a whole response (default: 2 x timeout)")
+    max_response_bytes: int = Field(DEFAULT_MAX_RESPONSE_BYTES, ge=1024,
+                                    description="largest response body accepted")
+    ca_bundle: Path | None = Field(None, description="PEM file of CAs to trust (verify stays on)")
 
-    # A field validator (not a model "after" validator) so a bad URL is reported together with
+    # Field validators (not a model "after" validator) so a bad URL is reported together with
     # every other problem of the section.
     @field_validator("url")
     @classmethod
-    def _url_is_http(cls, url: str) -> str:
+    def _url_is_http(cls, url: str, info: ValidationInfo) -> str:
+        url = url.strip()
+        shown = redact_url(url)
         if not re.match(r"^https?://[^/\s]+", url):
-            raise ValueError(f"must start with http:// or https://, got {url!r}")
+            raise ValueError(f"must start with http:// or https://, got {shown!r}")
+        if (url.lower().startswith("http://") and not is_loopback(url)
+                and not info.data.get("allow_http", False)):
+            raise ValueError(f"{shown} is plain http to another host: the API key would travel "
+                             "in clear. Use https://, or set api.allow_http = true")
         return url
+
+    @field_validator("key", mode="before")
+    @classmethod
+    def _key_is_a_header_value(cls, key: Any) -> Any:
+        raw = key.get_secret_value() if isinstance(key, SecretStr) else key
+        if not isinstance(raw, str):
+            return key
+        raw = raw.strip()  # a CRLF env file or a TOML value with a newline
+        # An HTTP header value holds visible ASCII and inner spaces; anything else is a
+        # copy-paste accident that would otherwise surface as an error quoting the key.
+        bad = next((i for i, c in enumerate(raw) if not " " <= c <= "~"), None)
+        if bad is not None:  # never quote the key itself
+            raise ValueError(f"the key has a character that cannot be sent in an HTTP header "
+                             f"(non-ASCII or control character at position {bad + 1}); "
+                             "check where it was copied from")
+        return raw
 
 
 class WarehouseSettings(_Section):
@@ -100,6 +170,14 @@ class WarehouseSettings(_Section):
         DEFAULT_STORAGE_COMPATIBILITY, pattern=r"^(v\d+\.\d+\.\d+|latest)$",
         description="DuckDB storage version of the files readers open (v1.4.0: DuckDB 1.4+)")
 
+    @field_validator("memory_limit")
+    @classmethod
+    def _memory_limit_is_a_size(cls, value: str) -> str:
+        value = value.strip()
+        if not MEMORY_LIMIT.match(value):
+            raise ValueError(f"{value!r} is not a memory size (use e.g. 256MB, 2GB, 1.5GiB)")
+        return value
+
 
 class SyncSettings(_Section):
     batch_pages: int = Field(20, ge=1, description="pages validated and staged per batch")
@@ -109,6 +187,15 @@ class SyncSettings(_Section):
     full_refresh_every: Duration | None = Field(None, description="periodic verified full walk")
     max_delete_fraction: float = Field(0.05, ge=0, le=1, description="mass-delete breaker")
     max_single_refreshes: int = Field(500, ge=0, description="open runs refreshed one by one")
+    max_duration: Duration = Field(DEFAULT_MAX_DURATION,
+                                   description="a sync still walking after this fails cleanly")
+
+    @field_validator("max_duration")
+    @classmethod
+    def _positive(cls, value: timedelta) -> timedelta:
+        if value <= timedelta(0):
+            raise ValueError(f"must be positive, got {value}")
+        return value
 
 
 class ExportSettings(_Section):
@@ -126,6 +213,11 @@ class ScheduleSettings(_Section):
     misfire_grace: Duration = Field(timedelta(minutes=5), description="late runs still start")
     run_at_start: bool = Field(True, description="sync once when the scheduler starts")
     timezone: str = Field("UTC", description="timezone of the cron expression")
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, name: str) -> str:
+        return check_timezone(name)
 
 
 class LoggingSettings(_Section):
@@ -176,15 +268,56 @@ def _read_toml(path: Path) -> dict:
         raise ConfigError([f"{path} is not valid TOML: {e}"]) from None
 
 
-def _format_errors(err: ValidationError) -> list[str]:
+def _suggest(loc: tuple) -> str:
+    """'; did you mean api.page_size?' for an unknown key close to a real one, else ''."""
+    fields: Mapping[str, Any] = Settings.model_fields
+    prefix = ""
+    if len(loc) == 2 and loc[0] in fields:
+        section = fields[loc[0]].annotation
+        if not (isinstance(section, type) and issubclass(section, BaseModel)):
+            return ""
+        fields, prefix = section.model_fields, f"{loc[0]}."
+    match = difflib.get_close_matches(str(loc[-1]), list(fields), n=1, cutoff=0.6)
+    return f"; did you mean {prefix}{match[0]}?" if match else ""
+
+
+def _format_errors(err: ValidationError, origins: Mapping[tuple, str] | None = None) -> list[str]:
+    origins = origins or {}
     problems = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
+        loc = tuple(e["loc"])
+        name = ".".join(str(p) for p in loc)
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown setting"
-        problems.append(f"{loc}: {msg}" if loc else msg)
+            msg = "unknown setting" + _suggest(loc)
+        origin = origins.get(loc[:2]) or origins.get(loc[:1])
+        if origin:
+            msg += f" (from {origin})"
+        problems.append(f"{name}: {msg}" if name else msg)
     return problems
+
+
+def _cross_problems(data: Mapping, origins: Mapping[tuple, str]) -> list[str]:
+    """Problems between settings, found on the raw values so they are listed with the rest."""
+    schedule = data.get("schedule")
+    if not isinstance(schedule, Mapping):
+        return []
+    if schedule.get("cron") is not None and schedule.get("interval") is not None:
+        where = sorted({o for k in ("cron", "interval")
+                        if (o := origins.get(("schedule", k))) is not None})
+        return ["schedule: set exactly one of schedule.cron (e.g. '*/15 * * * *') and "
+                "schedule.interval (e.g. '15m'); both are set"
+                + (f" (from {', '.join(where)})" if where else "")]
+    return []
+
+
+def _origins(data: Mapping, label: str) -> dict[tuple, str]:
+    out: dict[tuple, str] = {}
+    for section, values in data.items():
+        out[(section,)] = label
+        if isinstance(values, Mapping):
+            out.update({(section, key): label for key in values})
+    return out
 
 
 def load_settings(
@@ -194,26 +327,36 @@ def load_settings(
     *,
     cwd: Path | None = None,
 ) -> Settings:
-    """Build Settings from file, environment and flag overrides (``{"api": {"url": ...}}``)."""
+    """Build Settings from file, environment and flag overrides (``{"api": {"url": ...}}``).
+    Every problem is reported at once, each naming where its value came from."""
     env = {} if env is None else env
     data: dict = {}
+    origins: dict[tuple, str] = {}
     if config_file is None:
         default = (cwd or Path.cwd()) / DEFAULT_CONFIG_FILE
         config_file = default if default.is_file() else None
     if config_file is not None:
         data = _read_toml(Path(config_file))
+        origins.update(_origins(data, str(config_file)))
     from_env: dict[str, dict[str, str]] = {}
     for name, (section, key) in ENV_VARS.items():
         if env.get(name, "") != "":
             from_env.setdefault(section, {})[key] = env[name]
+            # Never echo the key; other values are shown as given, on one line.
+            shown = name if key == "key" else f"{name}={one_line(redact_url(env[name]), 80)}"
+            origins[(section, key)] = shown
     data = _deep_merge(data, from_env)
     if overrides:
-        data = _deep_merge(data, {s: {k: v for k, v in d.items() if v is not None}
-                                  for s, d in overrides.items()})
+        flags = {s: {k: v for k, v in d.items() if v is not None} for s, d in overrides.items()}
+        data = _deep_merge(data, flags)
+        origins.update({(s, k): "the command line" for s, d in flags.items() for k in d})
+    problems = _cross_problems(data, origins)
     try:
         settings = Settings.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_errors(e)) from None
+        problems = _format_errors(e, origins) + problems
+    if problems:
+        raise ConfigError(problems)
     return _resolve_key_file(settings)
 
 
@@ -228,4 +371,8 @@ def _resolve_key_file(settings: Settings) -> Settings:
         raise ConfigError([f"api.key_file: cannot read {api.key_file}: {e.strerror}"]) from None
     if not key:
         raise ConfigError([f"api.key_file: {api.key_file} is empty"])
+    try:
+        ApiSettings._key_is_a_header_value(key)
+    except ValueError as e:
+        raise ConfigError([f"api.key_file: {api.key_file}: {e}"]) from None
     return settings.model_copy(update={"api": api.model_copy(update={"key": SecretStr(key)})})

@@ -5,14 +5,18 @@
     ├── ApiError                               anything the API did wrong
     │   ├── AuthError                 exit 3   401 / 403: the API key is missing or wrong
     │   ├── RetryableApiError                  429, 5xx, timeouts, bad bodies (retried, then raised)
-    │   ├── FatalApiError                      other 4xx (422, 404 ...): retrying will not help
+    │   ├── FatalApiError                      other 4xx (422, 404 ...), redirect off the API's
+    │   │                                      origin, oversized body: retrying will not help
     │   └── WalkError                          the server never ends, or the walk cannot be trusted
+    ├── DeadlineError                          the sync ran past sync.max_duration
     ├── DataError                              too many records failed validation
     └── WarehouseError                         DuckDB could not be opened / migrated / written
         └── LockedError               exit 75  another writer holds the warehouse
 """
 
 from __future__ import annotations
+
+import re
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -21,6 +25,26 @@ EXIT_AUTH = 3
 # 75 is EX_TEMPFAIL in sysexits.h: cron wrappers and systemd treat it as "try again later".
 EXIT_LOCKED = 75
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
+
+
+# Characters that must never reach a terminal or a log line raw: C0/C1 controls (ESC starts ANSI
+# sequences), line and paragraph separators, and bidi overrides that reorder what is displayed.
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_BREAKS = "\t\n\r\x0b\x0c\x85\u2028\u2029"
+
+
+def one_line(text: str, limit: int | None = None) -> str:
+    """``text`` as one printable line: line breaks become spaces, other control characters
+    visible escapes (``\\x1b``), and at most ``limit`` characters. For anything a server sent."""
+
+    def escape(m: re.Match) -> str:
+        c = m.group()
+        return " " if c in _BREAKS else c.encode("unicode_escape").decode("ascii")
+
+    out = _UNSAFE.sub(escape, text)
+    if limit is not None and len(out) > limit:
+        out = out[: max(0, limit - 3)] + "..."
+    return out
 
 
 class RunsEtlError(Exception):
@@ -56,6 +80,9 @@ class ApiError(RunsEtlError):
         request_id: str | None = None,
         attempts: int | None = None,
     ):
+        # Messages and request ids can carry server text: one printable line at the source.
+        message = one_line(message)
+        request_id = one_line(request_id, 100) if request_id is not None else None
         self.url = url
         self.status = status
         self.page = page
@@ -92,6 +119,10 @@ class FatalApiError(ApiError):
 
 class WalkError(ApiError):
     pass
+
+
+class DeadlineError(RunsEtlError):
+    """The sync ran longer than ``sync.max_duration``; it was stopped and committed nothing."""
 
 
 class DataError(RunsEtlError):

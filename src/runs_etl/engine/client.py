@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import random
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -19,11 +21,13 @@ from typing import Any, TypeVar
 
 import httpx
 
-from ..config import Settings
+from ..config import Settings, redact_url
 from ..errors import (
     AuthError,
+    ConfigError,
     FatalApiError,
     RetryableApiError,
+    one_line,
 )
 from .models import EnvelopeError, ParsedPage, Run, parse_page, parse_run
 
@@ -33,6 +37,15 @@ RUNS_PATH = "/v1/runs"
 USER_AGENT = "runs-etl/0.1"
 # Retry-After is honoured up to this many seconds; a longer request is capped, not obeyed.
 MAX_RETRY_AFTER = 300.0
+# A wait longer than this is logged, so a sync sleeping on Retry-After is not silent.
+LOG_WAITS_OVER = 5.0
+# Same-origin redirects followed per request; more is a loop.
+MAX_REDIRECTS = 5
+DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+# Server text quoted in an error message is cut to this many characters.
+DETAIL_CHARS = 200
+
+log = logging.getLogger("runs_etl.client")
 
 
 class Outcome(Enum):
@@ -120,6 +133,8 @@ class ApiClient:
     max_attempts: int = 6
     backoff_base: float = 0.5
     backoff_max: float = 30.0
+    deadline: float | None = None  # seconds for one whole response, redirects included
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     jitter: Callable[[], float] = random.random
     stats: RequestStats = field(default_factory=RequestStats)
@@ -131,6 +146,13 @@ class ApiClient:
     @classmethod
     def from_settings(cls, settings: Settings, transport: httpx.AsyncBaseTransport | None = None):
         api = settings.api
+        verify: ssl.SSLContext | bool = True
+        if api.ca_bundle is not None:
+            try:
+                verify = ssl.create_default_context(cafile=str(api.ca_bundle))
+            except (OSError, ssl.SSLError) as e:
+                raise ConfigError([f"api.ca_bundle: cannot load {api.ca_bundle}: "
+                                   f"{getattr(e, 'strerror', None) or e}"]) from None
         http = httpx.AsyncClient(
             base_url=api.url.rstrip("/"),
             headers={"X-API-Key": settings.api_key(), "User-Agent": USER_AGENT},
@@ -138,10 +160,12 @@ class ApiClient:
             limits=httpx.Limits(max_connections=api.concurrency,
                                 max_keepalive_connections=api.concurrency),
             transport=transport,
-            follow_redirects=True,
+            verify=verify,
+            follow_redirects=False,  # _exchange follows same-origin redirects only
         )
         return cls(http, api.page_size, api.concurrency, api.max_attempts, api.backoff_base,
-                   api.backoff_max)
+                   api.backoff_max, deadline=api.request_deadline or 2 * api.timeout,
+                   max_response_bytes=api.max_response_bytes)
 
     def next_seq(self) -> int:
         """A seq later than every response so far (for snapshots assembled by the caller)."""
@@ -149,6 +173,10 @@ class ApiClient:
 
     async def aclose(self) -> None:
         await self.http.aclose()
+
+    def url_for(self, path: str) -> str:
+        """The absolute URL of ``path`` as shown in messages: one slash, no credentials."""
+        return redact_url(str(self.http.base_url).rstrip("/") + path)
 
     def backoff(self, attempt: int, retry_after: float | None) -> float:
         """Wait before attempt ``attempt + 1``: Retry-After if sent, else jittered backoff."""
@@ -179,12 +207,21 @@ class ApiClient:
                    ) -> tuple[T | None, _Response]:
         """GET with retries: the parsed body (None for a 404 when ``missing_ok``) and the
         response it came from. Raises the last retryable error once attempts run out."""
-        url = f"{self.http.base_url}{path}"
+        url = self.url_for(path)
         last: RetryableApiError | None = None
         for attempt in range(1, self.max_attempts + 1):
             if last is not None:
                 self.stats.retries += 1
-                await self.sleep(self.backoff(attempt - 1, last.retry_after))
+                wait = self.backoff(attempt - 1, last.retry_after)
+                if wait > LOG_WAITS_OVER:
+                    asked = ("" if last.retry_after is None else
+                             f" (the server asked for {last.retry_after:.0f}s with Retry-After"
+                             f"{'; capped' if last.retry_after > wait else ''})")
+                    log.warning("waiting %.0fs before attempt %d of %d for %s%s", wait, attempt,
+                                self.max_attempts, url, asked,
+                                extra={"event": "retry_wait", "wait_seconds": wait,
+                                       "page": page, "status": last.status})
+                await self.sleep(wait)
             try:
                 response = await self._send(path, params, url=url, page=page)
                 return self._judge(response, parse, url=url, page=page,
@@ -198,28 +235,83 @@ class ApiClient:
 
     async def _send(self, path: str, params: dict | None, *, url: str,
                     page: int | None) -> _Response:
-        """One attempt on the wire, within the concurrency budget; transport failures are
-        retryable."""
+        """One attempt on the wire, within the concurrency budget and ``deadline``; transport
+        failures, timeouts and undecodable bodies are retryable."""
         try:
             async with self._slots:
                 self.stats.requests += 1
-                # Streamed, so the body is ours alone: httpx keeps a read body on the Response,
-                # which sits in reference cycles until the cycle collector runs (measured: ~90
-                # MB of page bodies held at 100k runs).
-                async with self.http.stream("GET", path, params=params) as response:
-                    body = b"".join([chunk async for chunk in response.aiter_bytes()])
+                # The read timeout is per chunk: a server trickling bytes never trips it.
+                async with asyncio.timeout(self.deadline):
+                    response, body = await self._exchange(path, params, url=url, page=page)
                 seq = next(self._seq)
+        except TimeoutError:
+            raise RetryableApiError(f"no complete response from {url} within {self.deadline:g}s",
+                                    url=url, page=page) from None
         except httpx.TimeoutException as e:
             raise RetryableApiError(f"timeout fetching {url}: {type(e).__name__}", url=url,
                                     page=page) from None
+        except httpx.DecodingError as e:  # e.g. Content-Encoding: gzip on a body that is not
+            raise RetryableApiError(f"undecodable body from {url}: {self._scrub(e)}", url=url,
+                                    page=page) from None
         except httpx.TransportError as e:
-            raise RetryableApiError(f"cannot reach {url}: {e or type(e).__name__}", url=url,
+            raise RetryableApiError(f"cannot reach {url}: {self._scrub(e)}", url=url,
                                     page=page) from None
         request_id = response.headers.get("x-request-id")
         self.stats.last_request_id = request_id or self.stats.last_request_id
         self.stats.bytes += len(body)
         return _Response(response.status_code, body, request_id,
                          parse_retry_after(response.headers.get("retry-after")), seq)
+
+    async def _exchange(self, path: str, params: dict | None, *, url: str,
+                        page: int | None) -> tuple[httpx.Response, bytes]:
+        """GET ``path`` following redirects within the API's origin only: the key header is
+        sent to no other host (httpx would strip only ``Authorization``)."""
+        target: str | httpx.URL = path
+        for _ in range(MAX_REDIRECTS + 1):
+            # Streamed, so the body is ours alone: httpx keeps a read body on the Response,
+            # which sits in reference cycles until the cycle collector runs (measured: ~90
+            # MB of page bodies held at 100k runs).
+            async with self.http.stream("GET", target, params=params,
+                                        follow_redirects=False) as response:
+                if not response.is_redirect:
+                    return response, await self._read(response, url=url, page=page)
+                location = response.url.join(response.headers["location"])
+                if _origin(location) != _origin(response.url):
+                    shown = one_line(redact_url(str(location)), DETAIL_CHARS)
+                    raise FatalApiError(
+                        f"{url} redirected to another origin, {shown}; not followed, so the API "
+                        "key stays with the API. If the API has moved, set api.url to it",
+                        url=url, status=response.status_code, page=page)
+                target, params = location, None
+        raise FatalApiError(f"{url} redirected more than {MAX_REDIRECTS} times (a redirect "
+                            "loop?)", url=url, page=page)
+
+    async def _read(self, response: httpx.Response, *, url: str, page: int | None) -> bytes:
+        """The body, refused beyond ``max_response_bytes`` (decoded bytes are counted, so a
+        compressed bomb is caught too): no page is that large, and retrying will not help."""
+        limit = self.max_response_bytes
+        declared = response.headers.get("content-length", "")
+        too_big = declared.isdigit() and int(declared) > limit
+        chunks: list[bytes] = []
+        size = 0
+        if not too_big:
+            async for chunk in response.aiter_bytes():
+                size += len(chunk)
+                if size > limit:
+                    too_big = True
+                    break
+                chunks.append(chunk)
+        if too_big:
+            raise FatalApiError(f"response from {url} is larger than api.max_response_bytes "
+                                f"({limit} bytes); raise it if pages really are that large",
+                                url=url, status=response.status_code, page=page)
+        return b"".join(chunks)
+
+    def _scrub(self, e: Exception) -> str:
+        """An httpx error's text without the API key (an illegal header value is quoted)."""
+        text = str(e) or type(e).__name__
+        key = self.http.headers.get("x-api-key")
+        return one_line(text.replace(key, "***") if key else text, DETAIL_CHARS)
 
     def _judge(self, response: _Response, parse: Callable[[bytes], T], *, url: str,
                page: int | None, missing_ok: bool) -> T | None:
@@ -244,15 +336,23 @@ class ApiClient:
         raise FatalApiError(f"{url} answered {response.status}: {_detail(response.body)}", **kw)
 
 
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    default = {"http": 80, "https": 443}.get(url.scheme)
+    return url.scheme, url.host, url.port or default
+
+
 def _detail(body: bytes) -> str:
-    """The server's ``detail`` (FastAPI), shortened, so a 422 says which parameter was wrong."""
+    """The server's ``detail`` (FastAPI), shortened to one printable line, so a 422 says which
+    parameter was wrong and nothing the server sends can forge lines or drive the terminal."""
     try:
         detail = json.loads(body).get("detail")
-    except (ValueError, AttributeError):
-        return body[:200].decode("utf-8", "replace")
+    except (ValueError, AttributeError, RecursionError):
+        return one_line(body[:DETAIL_CHARS].decode("utf-8", "replace"), DETAIL_CHARS)
     if isinstance(detail, list):
-        return "; ".join(
+        text = "; ".join(
             f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg')}" for d in detail[:3]
             if isinstance(d, dict)
         )
-    return str(detail)[:200]
+    else:
+        text = str(detail)
+    return one_line(text, DETAIL_CHARS)

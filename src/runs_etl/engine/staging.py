@@ -145,10 +145,22 @@ class StagingSink:
         return self._queue, self._consumer
 
     async def put(self, page: FetchedPage) -> None:
+        """Queue ``page``; raises what staging raised if the consumer has died, also while
+        waiting for room (else every worker would wait on a full queue nobody drains)."""
         queue, consumer = self._ensure_consumer()
         if consumer.done():  # it failed: surface its error instead of queueing forever
             consumer.result()
-        await queue.put(page)
+        if not queue.full():
+            queue.put_nowait(page)
+            return
+        putter = asyncio.ensure_future(queue.put(page))
+        try:
+            await asyncio.wait([putter, consumer], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not putter.done():  # the consumer died, or we were cancelled
+                putter.cancel()
+        if consumer.done():
+            consumer.result()
 
     async def flush(self) -> None:
         """Wait until everything queued so far is staged (and raise what staging raised)."""

@@ -20,8 +20,8 @@ from datetime import UTC, datetime
 import duckdb
 import httpx
 
-from ..config import Settings
-from ..errors import DataError, WarehouseError
+from ..config import Settings, redact_url
+from ..errors import DataError, DeadlineError, WarehouseError
 from ..warehouse import ledger
 from ..warehouse.ledger import SyncResult
 from ..warehouse.migrations import migrate
@@ -47,9 +47,20 @@ async def _extract(settings: Settings, plan: Plan, sink: StagingSink, reader, re
                    transport: httpx.AsyncBaseTransport | None, progress: Progress,
                    allow_mass_delete: bool) -> Extracted:
     client = ApiClient.from_settings(settings, transport=transport)
+    limit = settings.sync.max_duration
+    # A server can stall a sync for hours within every per-request limit (Retry-After, retries,
+    # slow pages): the whole extract has one deadline too.
+    deadline = asyncio.timeout(limit.total_seconds())
     try:
-        return await extract(plan, client, sink, reader, settings, progress,
-                             allow_mass_delete=allow_mass_delete)
+        try:
+            async with deadline:
+                return await extract(plan, client, sink, reader, settings, progress,
+                                     allow_mass_delete=allow_mass_delete)
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            raise DeadlineError(f"the sync was still fetching after sync.max_duration ({limit}); "
+                                "stopped, nothing was committed") from None
     finally:
         await sink.aclose()
         s = client.stats
@@ -88,8 +99,9 @@ def _sync(settings: Settings, con, transport, progress, full_refresh: bool,
     migrate(con)
     ledger.mark_abandoned(con)
     plan = plan_sync(con, settings, full_refresh=full_refresh)
-    result = SyncResult(sync_id=ledger.open_attempt(con, settings.api.url), mode=plan.mode,
-                        mode_reason=plan.reason)
+    # The URL may carry credentials (https://user:pass@host): the ledger keeps it without them.
+    sync_id = ledger.open_attempt(con, redact_url(settings.api.url))
+    result = SyncResult(sync_id=sync_id, mode=plan.mode, mode_reason=plan.reason)
     reader = con.cursor()  # sees the last commit while the sync's transaction stages data
     stage = None
     in_transaction = False

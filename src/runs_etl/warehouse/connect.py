@@ -13,7 +13,7 @@ from pathlib import Path
 
 import duckdb
 
-from ..config import WarehouseSettings
+from ..config import MEMORY_LIMIT, WarehouseSettings
 from ..errors import ConfigError, LockedError, WarehouseError
 
 # A file holding these tables was written by runs-etl.
@@ -26,6 +26,10 @@ def connect(path: Path, *, memory_limit: str = "256MB", read_only: bool = False,
     one that is not a readable DuckDB database is WarehouseError. ``storage_compatibility``
     applies to a file created here (DuckDB keeps a file's storage version for its life)."""
     path = Path(path)
+    memory_limit = memory_limit.strip()
+    if not MEMORY_LIMIT.match(memory_limit):  # it is formatted into SQL below: nothing else passes
+        raise ConfigError([f"warehouse.memory_limit: {memory_limit!r} is not a memory size "
+                           "(use e.g. 256MB, 2GB, 1.5GiB)"])
     config: dict[str, str | bool | int | float | list[str]] = {}
     if storage_compatibility is not None:
         config["storage_compatibility_version"] = storage_compatibility

@@ -1,0 +1,99 @@
+"""A fault-injecting HTTP server on loopback: redirects, slow / bad / huge bodies, hostile text.
+
+``FaultServer(respond)`` serves every request with ``respond(request)`` (a ``Request``), which
+returns a ``Reply``. Each request's path and headers are recorded, so a test can prove what a
+server did (or did not) receive. Threaded; ``stop()`` never waits on a slow body.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+@dataclass
+class Request:
+    path: str
+    headers: dict[str, str]
+
+
+@dataclass
+class Reply:
+    status: int = 200
+    body: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)
+    byte_delay: float = 0.0  # seconds between bytes of the body: a trickling server
+    chunked: bool = False  # no Content-Length: the body ends when the connection closes
+
+
+def json_reply(obj, status: int = 200, **headers: str) -> Reply:
+    return Reply(status, json.dumps(obj).encode(), {"Content-Type": "application/json",
+                                                    **headers})
+
+
+def redirect(location: str, status: int = 307) -> Reply:
+    return Reply(status, b"", {"Location": location})
+
+
+def bad_gzip() -> Reply:
+    return Reply(200, b"this is not gzip at all", {"Content-Encoding": "gzip",
+                                                   "Content-Type": "application/json"})
+
+
+class FaultServer:
+    def __init__(self, respond: Callable[[Request], Reply]):
+        self.respond = respond
+        self.requests: list[Request] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                req = Request(self.path, {k.lower(): v for k, v in self.headers.items()})
+                server.requests.append(req)
+                reply = server.respond(req)
+                self.send_response(reply.status)
+                for k, v in reply.headers.items():
+                    self.send_header(k, v)
+                if reply.chunked:
+                    self.send_header("Connection", "close")
+                    self.close_connection = True
+                else:
+                    self.send_header("Content-Length", str(len(reply.body)))
+                self.end_headers()
+                try:
+                    if reply.byte_delay:
+                        for i in range(len(reply.body)):
+                            if server.stopping.is_set():
+                                return
+                            self.wfile.write(reply.body[i:i + 1])
+                            self.wfile.flush()
+                            time.sleep(reply.byte_delay)
+                    else:
+                        self.wfile.write(reply.body)
+                except (BrokenPipeError, ConnectionResetError):
+                    self.close_connection = True
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.stopping = threading.Event()
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        self.port = self._httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> FaultServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopping.set()
+        self._httpd.shutdown()
+        self._httpd.server_close()
