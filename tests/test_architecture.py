@@ -4,6 +4,7 @@ functions included), and the subpackages never reach up to the entry points abov
 from __future__ import annotations
 
 import ast
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,14 @@ def test_subpackages_never_import_the_entry_points(package):
                        if m == prefix or m.startswith(prefix + ".")
                        for t in targets if t in TOP)
     assert not offenders, offenders
+
+
+def test_every_subpackage_ships_in_the_wheel():
+    """A package missing from pyproject's list works in an editable install and is absent from
+    the wheel users install."""
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))
+                 ["tool"]["setuptools"]["packages"])
+    src = root / "src"
+    on_disk = {".".join(p.parent.relative_to(src).parts) for p in src.rglob("__init__.py")}
+    assert on_disk - listed == set()
