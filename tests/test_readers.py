@@ -4,6 +4,7 @@ fresh (warehouse/publish.py). Real processes hold real DuckDB connections on the
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ from runs_etl import jobs
 from runs_etl.config import DEFAULT_STORAGE_COMPATIBILITY
 from runs_etl.errors import LockedError
 from runs_etl.ops.lock import skipped_attempts
+from runs_etl.outputs.status import collect_status, print_status
 from runs_etl.sim import Faults
 from runs_etl.warehouse.publish import working_path
 
@@ -180,6 +182,11 @@ def test_a_sync_that_gives_up_on_a_busy_warehouse_leaves_a_note_for_status(make_
         holder.wait(10)
     [skipped] = skipped_attempts(db)
     assert "writes this file alone" in skipped["reason"] and skipped["pid"] == os.getpid()
+    status = collect_status(settings_for(sim, db))
+    assert [s["reason"] for s in status["skipped_since_success"]] == [skipped["reason"]]
+    out = io.StringIO()
+    print_status(settings_for(sim, db), stream=out)
+    assert "1 sync attempt(s) skipped since (warehouse busy)" in out.getvalue()
 
 
 def test_wait_also_waits_for_a_process_holding_the_writers_file(make_sim, tmp_path):

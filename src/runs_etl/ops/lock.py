@@ -123,7 +123,7 @@ def record_skipped(db_path: Path | str, reason: str) -> None:
     db_path = Path(db_path)
     if _is_in_memory(db_path):
         return
-    entry = {"at": datetime.now(UTC).isoformat(timespec="seconds"), "pid": os.getpid(),
+    entry = {"at": datetime.now(UTC).isoformat(), "pid": os.getpid(),
              "reason": reason}
     target = Path(f"{db_path}{SKIPPED_SUFFIX}")
     tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")

@@ -21,7 +21,7 @@ from rich.table import Table
 
 from ..config import Settings
 from ..errors import LockedError
-from ..ops.lock import running
+from ..ops.lock import running, skipped_attempts
 from ..warehouse.connect import open_read_only
 from ..warehouse.views import TERMINAL_SQL
 
@@ -97,7 +97,7 @@ def collect_status(settings: Settings, limit: int = DEFAULT_LIMIT,
                       "age_seconds": None},
         "failures_since_success": None,
         "running": asdict(holder) if holder is not None else None,
-        "rows": None, "last_syncs": []}
+        "rows": None, "last_syncs": [], "skipped_since_success": []}
     if holder is not None and not path.is_file():
         return status
     try:
@@ -121,12 +121,23 @@ def collect_status(settings: Settings, limit: int = DEFAULT_LIMIT,
             "SELECT count(*) FROM sync_runs WHERE outcome IN ('failed', 'abandoned') "
             "AND sync_id > ?", [last_ok[0][0] if last_ok else 0]).fetchall()[0]
         status["rows"] = row_counts(con)
+        status["skipped_since_success"] = _skipped_since(path, last_ok[0][1] if last_ok else None)
         rows = con.execute(f"SELECT {', '.join(SYNC_COLUMNS)} FROM sync_runs "
                            "ORDER BY sync_id DESC LIMIT ?", [max(limit, 0)]).fetchall()
         status["last_syncs"] = [dict(zip(SYNC_COLUMNS, r)) for r in rows]
     finally:
         con.close()
     return status
+
+
+def _skipped_since(path: Path, since: datetime | None) -> list[dict]:
+    """Syncs that gave up on a busy warehouse after ``since``: they never reach the ledger."""
+    def after(entry: dict) -> bool:
+        try:
+            return since is None or datetime.fromisoformat(entry["at"]) > since
+        except (KeyError, TypeError, ValueError):
+            return False
+    return [e for e in skipped_attempts(path) if after(e)]
 
 
 def status_json(status: dict[str, Any]) -> str:
@@ -156,6 +167,11 @@ def _freshness_line(status: dict[str, Any]) -> str:
                 f"([bold]{human_age(fresh['age_seconds'])} ago[/])")
     if status["failures_since_success"]:
         line += f"  [red]{status['failures_since_success']} failed attempt(s) since.[/]"
+    if status["skipped_since_success"]:
+        last = status["skipped_since_success"][-1]
+        line += (f"\n[yellow]{len(status['skipped_since_success'])} sync attempt(s) skipped "
+                 f"since (warehouse busy); last at {safe(last.get('at'))}: "
+                 f"{safe(last.get('reason'), 160)}[/]")
     return line
 
 

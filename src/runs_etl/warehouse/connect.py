@@ -33,17 +33,20 @@ def connect(path: Path, *, memory_limit: str = "256MB", read_only: bool = False,
     config: dict[str, str | bool | int | float | list[str]] = {}
     if storage_compatibility is not None:
         config["storage_compatibility_version"] = storage_compatibility
-    try:
-        if not read_only:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        con = duckdb.connect(str(path), read_only=read_only, config=config)
-    except duckdb.IOException as e:
-        if _locked_by_another_process(path, read_only):
-            raise LockedError(
-                f"cannot open {path}: another process has it open ({first_line(e)})") from None
-        raise WarehouseError(f"cannot open {path}: {first_line(e)}") from None
-    except (duckdb.Error, OSError) as e:
-        raise WarehouseError(f"cannot open {path}: {first_line(e)}") from None
+    for attempt in (1, 2):
+        try:
+            if not read_only:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            con = duckdb.connect(str(path), read_only=read_only, config=config)
+            break
+        except duckdb.IOException as e:
+            if _locked_by_another_process(path, read_only):
+                raise LockedError(f"cannot open {path}: another process has it open "
+                                  f"({first_line(e)})") from None
+            if attempt == 2:  # not a lock that was let go in between: the file itself is bad
+                raise WarehouseError(f"cannot open {path}: {first_line(e)}") from None
+        except (duckdb.Error, OSError) as e:
+            raise WarehouseError(f"cannot open {path}: {first_line(e)}") from None
     try:
         con.execute(f"SET memory_limit = '{memory_limit}'")
         con.execute("SET preserve_insertion_order = false")
