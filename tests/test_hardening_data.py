@@ -125,3 +125,68 @@ def test_the_edges_of_the_accepted_range_are_stored(tmp_path, con):
     runs[1] |= {"created_at": "1970-01-01T00:00:00", "finished_at": "9999-12-31T23:59:59Z"}
     result = sync(settings_for(tmp_path), con, transport=FakeApi(runs).transport())
     assert result.rows_rejected == 0 and len(live_ids(con)) == 3
+
+
+# --- 12: ids that do not survive a URL path --------------------------------------------------
+
+def _aged_source(odd_id: str) -> FakeApi:
+    """200 runs a minute apart (far past the 1 h lookback) whose oldest is open: an
+    incremental sync stops long before it and refreshes it by id."""
+    runs = make_runs(200, start=1)
+    runs.append(make_run(0, status="running", id=odd_id))
+    return FakeApi(runs)
+
+
+def test_an_open_run_whose_id_holds_a_slash_is_never_deleted_on_its_404(tmp_path, con, caplog):
+    api = _aged_source("weird/id")
+    assert sync(settings_for(tmp_path), con, transport=api.transport()).verified
+    result = sync(settings_for(tmp_path), con, transport=api.transport())
+    assert result.mode == "incremental" and result.single_run_requests == 1
+    raw_path = api.requests[-1].url.raw_path
+    assert raw_path == b"/v1/runs/weird%2Fid"  # one path segment, not /v1/runs/weird/id
+    assert result.rows_deleted == 0 and "weird/id" in live_ids(con)
+    assert "404" in caplog.text and "'weird/id'" in caplog.text
+
+
+def test_an_open_run_with_a_plain_id_that_answers_404_is_still_marked_deleted(tmp_path, con):
+    api = _aged_source("plain-id_1.x~")
+    sync(settings_for(tmp_path), con, transport=api.transport())
+    api.delete("plain-id_1.x~")
+    result = sync(settings_for(tmp_path), con, transport=api.transport())
+    assert result.mode == "incremental" and result.rows_deleted == 1
+    assert "plain-id_1.x~" not in live_ids(con)
+
+
+# --- 15, 17: a total that cannot be believed verifies nothing ----------------------------------
+
+class BadTotals(FakeApi):
+    def __init__(self, runs, **envelope):
+        super().__init__(runs)
+        self.envelope = envelope
+
+    def page_body(self, page: int, size: int) -> dict:
+        return super().page_body(page, size) | self.envelope
+
+
+@pytest.mark.parametrize("envelope, stored_total", [
+    ({"total": -5, "pages": 1}, -5),
+    ({"total": 0, "pages": 0}, 0),
+    ({"total": 2**70, "pages": 3}, None),  # beyond BIGINT: not storable, not a traceback
+    ({"total": 25, "pages": 1}, 25),  # pages disagrees with total
+])
+def test_a_nonsense_total_leaves_the_walk_unverified_and_deletes_nothing(
+        tmp_path, con, envelope, stored_total):
+    sync(settings_for(tmp_path), con, transport=FakeApi(make_runs(25)).transport())
+    api = BadTotals(make_runs(24), **envelope)  # run 24 vanished: only a verified walk may say
+    result = sync(settings_for(tmp_path), con, transport=api.transport(), full_refresh=True)
+    assert result.outcome == "success" and not result.verified
+    assert "not verified" in result.mode_reason and "verified: all" not in result.mode_reason
+    assert result.rows_deleted == 0 and run_id(24) in live_ids(con)
+    row = con.execute("SELECT outcome, verified, total_start FROM sync_runs "
+                      "WHERE sync_id = 2").fetchall()[0]
+    assert row == ("success", False, stored_total)
+
+
+def test_a_believable_total_still_verifies_and_an_empty_workspace_is_clean(tmp_path, con):
+    assert sync(settings_for(tmp_path), con, transport=FakeApi([]).transport()).verified
+    assert sync(settings_for(tmp_path), con, transport=FakeApi(make_runs(25)).transport()).verified
