@@ -3,16 +3,22 @@ deletes one wrongly, and never turns one bad record into a failed sync."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 
 import duckdb
+import httpx
 import pytest
 from fakeapi import API_KEY, BASE_URL, FakeApi, make_run, make_runs, run_id
 
 from runs_etl.config import load_settings
+from runs_etl.engine.client import ApiClient
+from runs_etl.engine.extract import Extracted, _confirm_absent
 from runs_etl.engine.models import EnvelopeError, parse_page
 from runs_etl.engine.sync import sync
+from runs_etl.engine.walk import WalkReport
+from runs_etl.errors import FatalApiError
 
 
 def settings_for(tmp_path, **sections):
@@ -190,3 +196,71 @@ def test_a_nonsense_total_leaves_the_walk_unverified_and_deletes_nothing(
 def test_a_believable_total_still_verifies_and_an_empty_workspace_is_clean(tmp_path, con):
     assert sync(settings_for(tmp_path), con, transport=FakeApi([]).transport()).verified
     assert sync(settings_for(tmp_path), con, transport=FakeApi(make_runs(25)).transport()).verified
+
+
+# --- 23: one failed by-id fetch stops its siblings --------------------------------------------
+
+def test_a_failing_fetch_by_id_cancels_the_others_still_in_flight(tmp_path):
+    others = ["a", "b", "c"]
+    started: list[str] = []
+    cancelled: list[str] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        rid = request.url.path.rsplit("/", 1)[1]
+        if rid == "bad":
+            while len(started) < len(others):
+                await asyncio.sleep(0)
+            return httpx.Response(400, json={"detail": "no"})
+        started.append(rid)
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.append(rid)
+            raise
+        raise AssertionError("unreachable")
+
+    class Sink:
+        async def unstaged_live_ids(self):
+            return ["bad", *others]
+
+    async def main() -> None:
+        http = httpx.AsyncClient(transport=httpx.MockTransport(handler), base_url=BASE_URL)
+        client = ApiClient(http=http, page_size=10, concurrency=8)
+        extracted = Extracted("full", "", WalkReport(verified=True), True)
+        with pytest.raises(FatalApiError):
+            await _confirm_absent(extracted, client, Sink(), settings_for(tmp_path), True)
+        assert sorted(cancelled) == others  # none left running behind the error
+        await client.aclose()
+
+    asyncio.run(main())
+
+
+# --- 24: timestamps of mixed precision on a newest-first source ------------------------------
+
+def _mixed_precision_runs(n: int) -> list[dict]:
+    """Newest first by their true instants (every 300 ms), each sent at the precision of its
+    turn: whole seconds (truncated), milliseconds or microseconds."""
+    runs = []
+    for i in reversed(range(n)):
+        ms = 5_000 + 300 * i
+        sec, frac = divmod(ms, 1000)
+        stamp = ("2024-01-01T00:{:02d}:{:02d}".format(*divmod(sec, 60)) + [
+            "Z", f".{frac:03d}Z", f".{frac:03d}123+00:00"][i % 3])
+        runs.append(make_run(i, created_at=stamp, finished_at=stamp))
+    return runs
+
+
+def test_mixed_precision_timestamps_do_not_make_a_newest_first_source_unordered(tmp_path, con):
+    api = FakeApi(_mixed_precision_runs(45), order="as_is")
+    first = sync(settings_for(tmp_path), con, transport=api.transport())
+    assert first.verified
+    second = sync(settings_for(tmp_path), con, transport=api.transport())
+    assert second.mode == "incremental", second.mode_reason
+
+
+def test_a_real_order_violation_is_still_seen_across_precisions(tmp_path, con):
+    runs = _mixed_precision_runs(45)
+    runs[20]["created_at"] = "2024-01-01T00:00:59.400Z"  # newer than the second before it
+    api = FakeApi(runs, order="as_is")
+    sync(settings_for(tmp_path), con, transport=api.transport())
+    assert sync(settings_for(tmp_path), con, transport=api.transport()).mode == "fallback"
