@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sys
 
 import duckdb
@@ -264,3 +265,22 @@ def test_a_real_order_violation_is_still_seen_across_precisions(tmp_path, con):
     api = FakeApi(runs, order="as_is")
     sync(settings_for(tmp_path), con, transport=api.transport())
     assert sync(settings_for(tmp_path), con, transport=api.transport()).mode == "fallback"
+
+
+# --- 25: new API fields are noticed once -------------------------------------------------------
+
+def test_a_new_top_level_field_is_logged_once_and_recorded_in_the_ledger(tmp_path, con, caplog):
+    runs = [r | {"meta": {"k": 1}, "progress_details": []} for r in make_runs(12)]
+    runs[0]["node_ids"] = {"n1": {}}  # an object node_ids lands in extra but is a known field
+    api = FakeApi(runs)
+    caplog.set_level(logging.WARNING, logger="runs_etl")
+    sync(settings_for(tmp_path), con, transport=api.transport())
+    assert "meta, progress_details" in caplog.text and "node_ids" not in caplog.text
+    caplog.clear()
+    sync(settings_for(tmp_path), con, transport=api.transport(), full_refresh=True)
+    assert "does not know" not in caplog.text  # once, not on every sync
+    api.runs[5] = api.runs[5] | {"cost": 0.2}
+    sync(settings_for(tmp_path), con, transport=api.transport(), full_refresh=True)
+    assert "cost" in caplog.text
+    rows = con.execute("SELECT new_fields FROM sync_runs ORDER BY sync_id").fetchall()
+    assert rows == [("meta, progress_details",), (None,), ("cost",)]
