@@ -241,7 +241,7 @@ def test_duckdb_out_of_memory_is_a_clear_error_naming_the_setting_and_commits_no
     sync(settings_for(tmp_path), con, transport=api.transport())
     before = runs_state(con)
     api.runs.extend(make_runs(3000, start=100))
-    con.execute("SET memory_limit = '2MB'")  # far too little for the merge
+    con.execute("SET memory_limit = '4MB'")  # far too little for the merge
     with pytest.raises(WarehouseError, match=r"out of memory.*warehouse\.memory_limit"):
         sync(settings_for(tmp_path), con, transport=api.transport())
     con.execute("SET memory_limit = '256MB'")  # room again to look at what is there

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from enum import Enum
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import httpx
 
@@ -196,8 +197,8 @@ class ApiClient:
     async def fetch_run(self, run_id: str) -> Run | None:
         """``GET /v1/runs/{id}``; None when the run no longer exists (404)."""
         try:
-            run, _ = await self._get(f"{RUNS_PATH}/{run_id}", None, page=None, parse=parse_run,
-                                     missing_ok=True)
+            run, _ = await self._get(f"{RUNS_PATH}/{quote(run_id, safe='')}", None, page=None,
+                                     parse=parse_run, missing_ok=True)
         finally:
             self.stats.single_requests += 1
         return run

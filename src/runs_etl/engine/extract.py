@@ -8,9 +8,10 @@ Modes (recorded in the ledger):
 - **incremental**: the source was last seen newest-first. Walk from page 1 and stop at the first
   page whose runs are all older than ``high-watermark - lookback``, already in the warehouse and
   terminal there. Open runs the walk did not reach are refreshed one by one (``GET
-  /v1/runs/{id}``, 404 = deleted) when that costs fewer requests than reading the remaining
-  pages; otherwise the sync reads everything (a full walk, verified, from page 1 again: the few
-  head pages it re-reads cost less than tracking where a moving source's pages went).
+  /v1/runs/{id}``, 404 = deleted, see ``gone``) when that costs fewer requests than reading the
+  remaining pages; otherwise the sync reads everything (a full walk, verified, from page 1
+  again: the few head pages it re-reads cost less than tracking where a moving source's pages
+  went).
 - **fallback**: the order could not be verified (never learnt, or broken during an incremental
   walk): a full walk, with the reason in the log and the ledger.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -28,13 +30,18 @@ from ..warehouse import ledger
 from .client import ApiClient, FetchedPage
 from .load import check_mass_delete
 from .models import TERMINAL_STATUSES, ParsedPage, utc
-from .walk import NullProgress, Progress, WalkReport, full_walk, head_walk
+from .walk import NullProgress, Progress, WalkReport, full_walk, gather_or_cancel, head_walk
 
 log = logging.getLogger("runs_etl.extract")
 
 STATE_ORDER = "source_order"
 STATE_LAST_FULL = "last_verified_full_walk_at"
 NEWEST_FIRST = "newest_first"
+
+# An id made of these (and not a dot segment) reaches the server exactly as sent once
+# percent-encoded. Anything else ('/', '%', '?', '#', spaces, '..', non-ASCII) may be decoded,
+# split or normalised by a proxy or framework on the way: its 404 proves nothing.
+_PLAIN_ID = re.compile(r"[A-Za-z0-9._~-]+")
 
 
 @dataclass
@@ -131,9 +138,9 @@ async def _confirm_absent(extracted: Extracted, client: ApiClient, sink, setting
     if not allow_mass_delete:
         check_mass_delete(len(candidates), await sink.live_count(),
                           settings.sync.max_delete_fraction)
-    fetched = await asyncio.gather(*(client.fetch_run(i) for i in candidates))
+    fetched = await gather_or_cancel(client.fetch_run(i) for i in candidates)
     found = [r for r in fetched if r is not None]
-    extracted.missing_ids.extend(i for i, r in zip(candidates, fetched) if r is None)
+    extracted.missing_ids.extend(gone(candidates, fetched))
     if found:
         log.warning("%d runs missed by the walk still exist (found by id): kept and refreshed",
                     len(found))
@@ -141,6 +148,18 @@ async def _confirm_absent(extracted: Extracted, client: ApiClient, sink, setting
         await sink.put(FetchedPage(0, client.next_seq(), ParsedPage(found, [], None, None),
                                    None, 0))
         await sink.flush()
+
+
+def gone(ids: list[str], fetched: list) -> list[str]:
+    """The ids whose ``GET /v1/runs/{id}`` answered 404, among those whose 404 can be believed:
+    an id the path may have mangled is kept (logged), never deleted on an ambiguous answer."""
+    missing = [i for i, r in zip(ids, fetched) if r is None]
+    doubtful = [i for i in missing if not _PLAIN_ID.fullmatch(i) or i in (".", "..")]
+    if doubtful:
+        log.warning("%d runs answered 404 by id but their ids may not survive a URL path "
+                    "(%s): kept, not marked deleted", len(doubtful),
+                    ", ".join(repr(i) for i in doubtful[:5]))
+    return [i for i in missing if i not in doubtful]
 
 
 def _count_settled(reader, ids: list[str]) -> int:
@@ -156,8 +175,8 @@ async def _refresh_open(plan: Plan, report: WalkReport, client: ApiClient, sink,
     """Open runs the head walk did not reach: one request each, or a full walk if cheaper."""
     open_ids = await sink.unstaged_live_ids(open_only=True)
     total = report.total_end if report.total_end is not None else report.total_start
-    remaining = (math.ceil(total / client.page_size) - report.pages) if total is not None \
-        else math.inf
+    remaining = (-(-total // client.page_size) - report.pages) \
+        if total is not None and report.bad_total is None else math.inf
     if len(open_ids) > min(settings.sync.max_single_refreshes, remaining):
         log.info("%d open runs beyond the walked pages: reading everything", len(open_ids))
         full = await full_walk(client, sink, max_passes=settings.sync.max_walk_passes,
@@ -166,9 +185,9 @@ async def _refresh_open(plan: Plan, report: WalkReport, client: ApiClient, sink,
         full.pages += report.pages
         return Extracted("incremental", f"{plan.reason}; {len(open_ids)} open runs unreached, "
                          f"read everything ({full.reason})", full, True)
-    fetched = await asyncio.gather(*(client.fetch_run(i) for i in open_ids))
+    fetched = await gather_or_cancel(client.fetch_run(i) for i in open_ids)
     runs = [r for r in fetched if r is not None]
-    missing = [i for i, r in zip(open_ids, fetched) if r is None]
+    missing = gone(open_ids, fetched)
     if runs:
         # One seq for all: later than every page, so these snapshots win.
         await sink.put(FetchedPage(0, client.next_seq(), ParsedPage(runs, [], None, None),

@@ -7,10 +7,17 @@ soft (``_deleted_at``) and only for runs confirmed gone, behind a mass-delete br
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from ..errors import DataError
+from ..warehouse import ledger
+from .models import Run
 from .normalize import RUNS_SCHEMA, WORKFLOWS_SCHEMA, data_columns
+
+log = logging.getLogger("runs_etl.load")
+
+STATE_KNOWN_EXTRA = "known_extra_fields"
 
 RUN_COLUMNS = data_columns(RUNS_SCHEMA)
 WORKFLOW_COLUMNS = data_columns(WORKFLOWS_SCHEMA)
@@ -117,6 +124,20 @@ def mark_deleted(con, sync_id: int, ids: list[str], *, max_fraction: float | Non
                     [sync_id])
     return n
 
+
+
+def new_extra_fields(con) -> list[str]:
+    """Top-level fields the API sent that no earlier sync saw (unknown to ``Run``, so kept in
+    ``extra``): logged once and remembered, so schema drift is seen, not silently absorbed."""
+    rows = con.execute("SELECT DISTINCT unnest(json_keys(extra)) FROM stage_runs "
+                       "WHERE extra IS NOT NULL").fetchall()
+    known = set(ledger.get_state(con, STATE_KNOWN_EXTRA, []))
+    new = sorted({k for (k,) in rows} - known - set(Run.model_fields))
+    if new:
+        ledger.set_state(con, STATE_KNOWN_EXTRA, sorted(known | set(new)))
+        log.warning("the API sends fields runs-etl does not know (kept in runs.extra): %s",
+                    ", ".join(new), extra={"event": "new_api_fields", "fields": new})
+    return new
 
 
 def drop_work_tables(con) -> None:

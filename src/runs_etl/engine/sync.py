@@ -198,6 +198,7 @@ def _finish_load(stage: Stage, settings: Settings, result: SyncResult, extracted
         con, result.sync_id, extracted.missing_ids,
         max_fraction=None if allow_mass_delete else settings.sync.max_delete_fraction)
     load.save_rejected(con, result.sync_id)
+    result.new_fields = ", ".join(load.new_extra_fields(con)) or None
     store_view_settings(con, settings)
     apply_views(con)
     if extracted.walked_all and extracted.walk.newest_first is not None:

@@ -22,8 +22,11 @@ algorithm:
    the newest run they saw (newer ones were created during the sync), and its totals never went
    down in arrival order (no sign of a delete while it walked).
 5. A clean, counted or converged pass makes the walk **verified**; after ``max_passes`` it is
-   recorded as unverified and no delete is applied from it. Even after a verified walk, deletes
-   never rest on the walk alone: each candidate is confirmed with ``GET /v1/runs/{id}`` (404).
+   recorded as unverified and no delete is applied from it. So is a walk in which any response
+   reported a nonsensical total (negative, beyond int64, 0 beside runs, or ``pages`` that does
+   not match it): a count that cannot be believed verifies nothing. Even after a verified walk,
+   deletes never rest on the walk alone: each candidate is confirmed with ``GET /v1/runs/{id}``
+   (404).
 
 The bookkeeping (distinct ids per pass, discoveries) is done in DuckDB over the staged batches,
 so memory stays flat however many runs there are.
@@ -32,14 +35,14 @@ so memory stays flat however many runs there are.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Protocol
+from datetime import datetime, timedelta
+from typing import Any, Protocol
 
 from ..errors import WalkError
 from .client import ApiClient, FetchedPage
-from .models import utc
+from .models import INT64_MAX, INT64_MIN, utc
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,43 @@ class WalkReport:
     total_end: int | None = None
     newest_first: bool | None = None  # did every page walked run newest-first?
     pass_ranges: list[tuple[int, int]] = field(default_factory=list)
+    bad_total: str | None = None  # why a response's total could not be believed, if one could not
+
+
+def storable(total: int | None) -> int | None:
+    """A total as the ledger's BIGINT can hold it (None beyond)."""
+    return total if total is not None and INT64_MIN <= total <= INT64_MAX else None
+
+
+def total_problem(page: FetchedPage, page_size: int) -> str | None:
+    """Why the ``total`` of a response cannot be believed, or None (a null total is no claim)."""
+    total, pages = page.parsed.total, page.parsed.pages
+    if total is None:
+        return None
+    if not 0 <= total <= INT64_MAX:
+        return f"total {total} is not a count"
+    if total == 0 and page.count:
+        return f"total 0 beside {page.count} runs on page {page.number}"
+    if pages is not None and pages != -(-total // page_size) and not (total == 0 and pages == 1):
+        return f"pages {pages} does not match total {total} at {page_size} per page"
+    return None
+
+
+def _grain(t: datetime) -> int:
+    """The precision a timestamp was most likely sent with, in microseconds: whole seconds,
+    milliseconds or microseconds (the string is gone; trailing zeros tell)."""
+    us = t.microsecond
+    return 1_000_000 if us == 0 else 1000 if us % 1000 == 0 else 1
+
+
+def not_newer(a: datetime, b: datetime) -> bool:
+    """``a <= b``, unless they differ only below the coarser precision of the two: a source
+    mixing ``05Z`` and ``05.400Z`` is still newest-first when it sends them in that order."""
+    if a <= b:
+        return True
+    g = max(_grain(a), _grain(b))
+    return a - timedelta(microseconds=a.microsecond % g) <= \
+        b - timedelta(microseconds=b.microsecond % g)
 
 
 @dataclass
@@ -105,6 +145,8 @@ class _Pass:
     rejected: int = 0  # records that failed validation
     bounds: dict[int, tuple] = field(default_factory=dict)  # page -> (newest, oldest, total)
     sorted_within: bool = True
+    page_size: int = 0  # to judge ``pages`` against ``total``; 0: not judged
+    bad_total: str | None = None  # the first response whose total could not be believed
 
     def record(self, page: FetchedPage) -> None:
         self.first_seq = min(self.first_seq, page.seq)
@@ -115,9 +157,11 @@ class _Pass:
         self.rejected += len(page.parsed.rejected)
         if page.seq > self.last_total_seq:
             self.last_total, self.last_total_seq = page.parsed.total, page.seq
+        if self.bad_total is None and self.page_size:
+            self.bad_total = total_problem(page, self.page_size)
         created = [utc(r.created_at) for r in page.parsed.runs]
         if created:
-            self.sorted_within &= all(a >= b for a, b in zip(created, created[1:]))
+            self.sorted_within &= all(not_newer(b, a) for a, b in zip(created, created[1:]))
             self.bounds.setdefault(page.number, (created[0], created[-1], page.parsed.total))
 
     def constant_total(self) -> int | None:
@@ -145,7 +189,7 @@ class _Pass:
                 continue
             (_, oldest_a, total_a), (newest_b, _, total_b) = self.bounds[a], self.bounds[b]
             grew = total_a is not None and total_b is not None and total_b > total_a
-            if newest_b > oldest_a and not grew:
+            if not not_newer(newest_b, oldest_a) and not grew:
                 return False
         return True
 
@@ -186,7 +230,7 @@ async def walk_pages(client: ApiClient, sink: PageSink, first: FetchedPage, *, w
     advertised = first.parsed.pages
     if advertised is not None and advertised > 1:
         limit[0] = advertised
-        await _gather(worker() for _ in range(workers))
+        await gather_or_cancel(worker() for _ in range(workers))
         if end[0] <= advertised or not full.get(advertised, False):
             return
     # The last advertised page was full: the source grew. Probe one page (usually empty),
@@ -197,13 +241,15 @@ async def walk_pages(client: ApiClient, sink: PageSink, first: FetchedPage, *, w
         if end[0] < cursor[0]:
             return
     limit[0] = None
-    await _gather(worker() for _ in range(workers))
+    await gather_or_cancel(worker() for _ in range(workers))
 
 
-async def _gather(coros) -> None:
+async def gather_or_cancel(coros: Iterable[Awaitable[Any]]) -> list[Any]:
+    """``asyncio.gather`` whose first failure cancels (and awaits) the others, so no request
+    outlives the sync that made it."""
     tasks = [asyncio.ensure_future(c) for c in coros]
     try:
-        await asyncio.gather(*tasks)
+        return await asyncio.gather(*tasks)
     except BaseException:
         for t in tasks:
             t.cancel()
@@ -220,9 +266,9 @@ async def full_walk(client: ApiClient, sink: PageSink, *, workers: int, max_page
     for number in range(1, max_passes + 1):
         first = await client.fetch_page(1)
         if report.total_start is None:
-            report.total_start = first.parsed.total
+            report.total_start = storable(first.parsed.total)
         progress.start_pass(number, first.parsed.pages)
-        state = _Pass()
+        state = _Pass(page_size=client.page_size)
         # Re-walks of a newest-first source go one page at a time: a sequential walk of such
         # a source can only skip a run through a delete (pages served out of order under
         # concurrency let runs created in between slip past a page boundary).
@@ -231,6 +277,9 @@ async def full_walk(client: ApiClient, sink: PageSink, *, workers: int, max_page
                          progress=progress, state=state)
         await sink.flush()
         _account(report, state, number)
+        if report.bad_total is not None:
+            report.reason = f"not verified: the server's count is nonsense ({report.bad_total})"
+            return report
         # On a newest-first source page 1 shows the newest run as the pass begins, in the same
         # response as the total: runs not newer than it are the ones that total counts.
         head = state.bounds[1][0] if state.newest_first() and 1 in state.bounds else None
@@ -277,7 +326,8 @@ async def _catch_up_head(client: ApiClient, sink: PageSink, head: datetime, max_
 
 def _account(report: WalkReport, state: _Pass, number: int) -> None:
     report.passes, report.pages = number, report.pages + state.pages
-    report.total_end = state.last_total
+    report.total_end = storable(state.last_total)
+    report.bad_total = report.bad_total or state.bad_total
     report.pass_ranges.append((state.first_seq, state.last_seq))
     ordered = state.newest_first()
     report.newest_first = ordered if report.newest_first is None else (
@@ -296,9 +346,9 @@ async def head_walk(client: ApiClient, sink: PageSink, *, workers: int, max_page
     progress = progress or NullProgress()
     report = WalkReport()
     first = await client.fetch_page(1)
-    report.total_start = first.parsed.total
+    report.total_start = storable(first.parsed.total)
     progress.start_pass(1, None)
-    state = _Pass()
+    state = _Pass(page_size=client.page_size)
     await walk_pages(client, sink, first, workers=max(1, min(workers, 4)), max_pages=max_pages,
                      progress=progress, state=state, stop_after=stop_after)
     await sink.flush()

@@ -43,6 +43,8 @@ class SyncResult:
     seconds_load: float = 0.0
     seconds_total: float = 0.0
     error: str | None = None
+    # Top-level API fields first seen by this sync (kept in ``runs.extra``), comma-separated.
+    new_fields: str | None = None
 
     def ledger_fields(self) -> dict:
         """The counters ``close_attempt`` writes (the key and the outcome are set apart)."""

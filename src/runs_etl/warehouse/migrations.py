@@ -42,6 +42,7 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         error VARCHAR, raw JSON, rejected_at TIMESTAMPTZ NOT NULL);
     CREATE TABLE sync_state (key VARCHAR PRIMARY KEY, value JSON, updated_at TIMESTAMPTZ);
     """),
+    (2, "schema drift", "ALTER TABLE sync_runs ADD COLUMN new_fields VARCHAR"),
 ]
 
 
