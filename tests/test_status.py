@@ -14,6 +14,7 @@ from helpers import LIVE, RUNS, SYNCS, handmade_warehouse, settings_for_db
 from rich.console import Console
 
 from runs_etl import warehouse
+from runs_etl.warehouse.migrations import MIGRATIONS
 from runs_etl.cli import main
 from runs_etl.errors import WarehouseError
 from runs_etl.ops.lock import note_progress, writer_lock
@@ -144,7 +145,7 @@ def render_at(db: Path, width: int) -> str:
 
 def test_status_json_has_freshness_failures_rows_and_the_last_syncs(db):
     status = status_json_of(db)
-    assert status["readable"] is True and status["schema_version"] == 1
+    assert status["readable"] is True and status["schema_version"] == MIGRATIONS[-1][0]
     assert status["running"] is None
     fresh = status["freshness"]
     assert fresh["last_success_sync_id"] == 3
@@ -227,3 +228,11 @@ def test_markup_and_terminal_escapes_in_a_ledger_error_print_harmlessly(db):
         assert "\x1b" not in text
         assert "x [/] y ?[2J" in text
     assert status_json_of(db)["last_syncs"][0]["error"] == "x [/] y \x1b[2J"
+
+
+def test_new_api_fields_a_sync_saw_are_shown(db):
+    con = warehouse.connect(db)
+    con.execute("UPDATE sync_runs SET new_fields = 'meta, cost' WHERE sync_id = 3")
+    con.close()
+    assert "New API fields seen by sync #3: meta, cost" in status_text(db)
+    assert [s["new_fields"] for s in status_json_of(db)["last_syncs"]].count("meta, cost") == 1

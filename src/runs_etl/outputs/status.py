@@ -34,7 +34,7 @@ ROWS = (("runs_live", "runs (live)"), ("runs_deleted", "runs (deleted at source)
         ("rejected_records", "rejected_records"), ("sync_runs", "sync_runs"))
 SYNC_COLUMNS = ("sync_id", "started_at", "finished_at", "outcome", "mode", "seconds_total",
                 "pages", "runs_seen", "rows_new", "rows_updated", "rows_deleted", "rows_rejected",
-                "error")
+                "error", "new_fields")
 
 
 def human_age(seconds: float | None) -> str:
@@ -167,6 +167,10 @@ def _freshness_line(status: dict[str, Any]) -> str:
                 f"([bold]{human_age(fresh['age_seconds'])} ago[/])")
     if status["failures_since_success"]:
         line += f"  [red]{status['failures_since_success']} failed attempt(s) since.[/]"
+    drift = [s for s in status["last_syncs"] if s.get("new_fields")]
+    if drift:
+        line += (f"\n[yellow]New API fields seen by sync #{drift[0]['sync_id']}: "
+                 f"{safe(drift[0]['new_fields'], 160)} (kept in runs.extra)[/]")
     if status["skipped_since_success"]:
         last = status["skipped_since_success"][-1]
         line += (f"\n[yellow]{len(status['skipped_since_success'])} sync attempt(s) skipped "
