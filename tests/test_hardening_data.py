@@ -273,14 +273,15 @@ def test_a_new_top_level_field_is_logged_once_and_recorded_in_the_ledger(tmp_pat
     runs = [r | {"meta": {"k": 1}, "progress_details": []} for r in make_runs(12)]
     runs[0]["node_ids"] = {"n1": {}}  # an object node_ids lands in extra but is a known field
     api = FakeApi(runs)
-    caplog.set_level(logging.WARNING, logger="runs_etl")
+    caplog.set_level(logging.INFO, logger="runs_etl")
     sync(settings_for(tmp_path), con, transport=api.transport())
     assert "meta, progress_details" in caplog.text and "node_ids" not in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # a baseline
     caplog.clear()
     sync(settings_for(tmp_path), con, transport=api.transport(), full_refresh=True)
     assert "does not know" not in caplog.text  # once, not on every sync
     api.runs[5] = api.runs[5] | {"cost": 0.2}
     sync(settings_for(tmp_path), con, transport=api.transport(), full_refresh=True)
-    assert "cost" in caplog.text
+    assert [r.levelno for r in caplog.records if "cost" in r.getMessage()] == [logging.WARNING]
     rows = con.execute("SELECT new_fields FROM sync_runs ORDER BY sync_id").fetchall()
     assert rows == [("meta, progress_details",), (None,), ("cost",)]

@@ -124,7 +124,10 @@ def test_a_killed_sync_leaves_no_partial_snapshot_and_no_temporary_file(make_sim
     sync.finish()
     assert dump_tables(db) == before
     assert [p.name for p in tmp_path.iterdir() if ".publish-" in p.name] == []
+    status = collect_status(settings_for(sim, db))
+    assert status["running"] is None and status["unfinished"]["pid"] == sync.pid
     assert jobs.run_sync(settings_for(sim, db), quiet=True).outcome == "success"
+    assert collect_status(settings_for(sim, db))["unfinished"] is None
     assert [r["outcome"] for r in ledger(db)] == ["success", "abandoned", "success"]
 
 

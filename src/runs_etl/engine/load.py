@@ -131,12 +131,16 @@ def new_extra_fields(con) -> list[str]:
     ``extra``): logged once and remembered, so schema drift is seen, not silently absorbed."""
     rows = con.execute("SELECT DISTINCT unnest(json_keys(extra)) FROM stage_runs "
                        "WHERE extra IS NOT NULL").fetchall()
-    known = set(ledger.get_state(con, STATE_KNOWN_EXTRA, []))
+    baseline = ledger.get_state(con, STATE_KNOWN_EXTRA)
+    known = set(baseline or [])
     new = sorted({k for (k,) in rows} - known - set(Run.model_fields))
     if new:
         ledger.set_state(con, STATE_KNOWN_EXTRA, sorted(known | set(new)))
-        log.warning("the API sends fields runs-etl does not know (kept in runs.extra): %s",
-                    ", ".join(new), extra={"event": "new_api_fields", "fields": new})
+        # The first fields a warehouse sees are its baseline, not drift: worth a line, not an
+        # alarm. Fields that appear later are the API changing under the warehouse.
+        log.log(logging.INFO if baseline is None else logging.WARNING,
+                "the API sends fields runs-etl does not know (kept in runs.extra): %s",
+                ", ".join(new), extra={"event": "new_api_fields", "fields": new})
     return new
 
 

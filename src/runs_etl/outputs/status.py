@@ -21,7 +21,7 @@ from rich.table import Table
 
 from ..config import Settings
 from ..errors import LockedError
-from ..ops.lock import running, skipped_attempts
+from ..ops.lock import read_holder, running, skipped_attempts
 from ..warehouse.connect import open_read_only
 from ..warehouse.views import TERMINAL_SQL
 
@@ -97,6 +97,7 @@ def collect_status(settings: Settings, limit: int = DEFAULT_LIMIT,
                       "age_seconds": None},
         "failures_since_success": None,
         "running": asdict(holder) if holder is not None else None,
+        "unfinished": _unfinished(path) if holder is None else None,
         "rows": None, "last_syncs": [], "skipped_since_success": []}
     if holder is not None and not path.is_file():
         return status
@@ -147,6 +148,13 @@ def status_json(status: dict[str, Any]) -> str:
             return v.astimezone(UTC).isoformat()
         raise TypeError(f"{type(v).__name__} is not JSON serializable")
     return json.dumps(status, default=default, ensure_ascii=False)
+
+
+def _unfinished(path: Path) -> dict[str, Any] | None:
+    """A holder record nobody holds: that writer was killed or crashed before it could clear
+    it (the next sync records its attempt as abandoned)."""
+    stale = read_holder(path)
+    return asdict(stale) if stale is not None else None
 
 
 def _running_line(holder: dict[str, Any]) -> str:
@@ -214,6 +222,12 @@ def render_status(console: Console, status: dict[str, Any], limit: int) -> None:
                   f"({schema}now {_utc(status['now'])} UTC)")
     if status["running"] is not None:
         console.print(_running_line(status["running"]))
+    elif status["unfinished"] is not None:
+        u = status["unfinished"]
+        console.print(f"[yellow]The last {safe(u['command'])} (pid {u['pid']}, since "
+                      f"{safe(u['started_at'])}) stopped without finishing (killed or crashed); "
+                      "nothing of it was published, and the next sync records it as "
+                      "abandoned.[/]")
     if not status["readable"]:
         console.print("No published warehouse to read yet: tables and the ledger appear when "
                       "the running sync has committed.")
