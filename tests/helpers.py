@@ -403,25 +403,30 @@ SYNCS = [
 ]
 
 
-def insert_fixture(con) -> None:
+def insert_fixture(con, workspace: str = "default", sync_offset: int = 0) -> None:
+    """The hand-made runs, workflows, nodes and syncs, as rows of ``workspace`` (sync ids
+    shifted by ``sync_offset``, so two workspaces can hold the same fixture)."""
     for wid, (name, typ) in WORKFLOWS.items():
-        con.execute("INSERT INTO workflows (id, name, type, _first_seen_at, _synced_at) "
-                    "VALUES (?, ?, ?, now(), now())", [wid, name, typ])
+        con.execute("INSERT INTO workflows (workspace, id, name, type, _first_seen_at, "
+                    "_synced_at) VALUES (?, ?, ?, ?, now(), now())", [workspace, wid, name, typ])
     for r in RUNS:
         con.execute(
-            "INSERT INTO runs (id, workflow_id, status, created_at, finished_at, node_ids, "
-            "_first_seen_at, _synced_at, _deleted_at) VALUES (?, ?, ?, ?, ?, ?, now(), now(), ?)",
-            [r.id, r.wf, r.status, r.created, r.finished, list(r.nodes),
+            "INSERT INTO runs (workspace, id, workflow_id, status, created_at, finished_at, "
+            "node_ids, _first_seen_at, _synced_at, _deleted_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, now(), now(), ?)",
+            [workspace, r.id, r.wf, r.status, r.created, r.finished, list(r.nodes),
              NOW if r.deleted else None])
         for pos, node in enumerate(r.nodes):
-            con.execute("INSERT INTO run_nodes VALUES (?, ?, ?)", [r.id, pos, node])
+            con.execute("INSERT INTO run_nodes (workspace, run_id, position, node_id) "
+                        "VALUES (?, ?, ?, ?)", [workspace, r.id, pos, node])
     for sid, outcome, started, secs, seen, new, upd, dele, err in SYNCS:
         finished = None if secs is None else started + timedelta(seconds=secs)
         con.execute(
-            "INSERT INTO sync_runs (sync_id, started_at, finished_at, outcome, runs_seen, "
-            "rows_new, rows_updated, rows_deleted, seconds_total, error) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [sid, started, finished, outcome, seen, new, upd, dele, secs, err])
+            "INSERT INTO sync_runs (workspace, sync_id, started_at, finished_at, outcome, "
+            "runs_seen, rows_new, rows_updated, rows_deleted, seconds_total, error) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [workspace, sid + sync_offset, started, finished, outcome, seen, new, upd, dele,
+             secs, err])
 
 
 def handmade_warehouse(path: Path, *, views: bool = True) -> Path:

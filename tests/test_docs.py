@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from runs_etl.cli import build_parser
-from runs_etl.config import ENV_VARS, Settings, load_settings
+from runs_etl.config import ENV_VARS, Settings, WorkspaceSettings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -70,8 +70,16 @@ def test_config_example_documents_every_setting():
     """Commented-out keys count as documented."""
     documented = set(EXAMPLE_KEYS)
     missing = [(section, key) for section, field in Settings.model_fields.items()
+               if section != "workspaces"
                for key in field.annotation.model_fields if (section, key) not in documented]
     assert not missing, f"config.example.toml lacks {missing}"
+
+
+@pytest.mark.parametrize("key", list(WorkspaceSettings.model_fields))
+def test_config_example_documents_every_workspace_key(key):
+    """The commented [[workspaces]] example shows each key of an entry."""
+    block = EXAMPLE_ALL[EXAMPLE_ALL.index("# [[workspaces]]"):EXAMPLE_ALL.index("[warehouse]")]
+    assert re.search(rf"(?m)^#\s+(# )?{key} = ", block), key
 
 
 @pytest.mark.parametrize(("section", "key"), EXAMPLE_KEYS,

@@ -60,7 +60,7 @@ def upsert(con, sync_id: int, pages: list[tuple[int, list[dict]]],
                 runs += page_runs
                 seqs += [seq] * len(page_runs)
             stage.add(normalize(runs, seqs))
-        return merge(con, sync_id)
+        return merge(con, "default", sync_id)
     finally:
         stage.close()
 

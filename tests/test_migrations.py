@@ -16,9 +16,9 @@ from runs_etl.warehouse.ledger import SyncResult
 
 # Columns the warehouse keeps for itself, not sent by the API (README: "system columns").
 SYSTEM_COLUMNS = {
-    "runs": ["_first_seen_at", "_synced_at", "_deleted_at", "_sync_id"],
-    "workflows": ["_first_seen_at", "_synced_at", "_sync_id"],
-    "run_nodes": [],
+    "runs": ["_first_seen_at", "_synced_at", "_deleted_at", "_sync_id", "workspace"],
+    "workflows": ["_first_seen_at", "_synced_at", "_sync_id", "workspace"],
+    "run_nodes": ["workspace"],
 }
 
 
@@ -86,5 +86,6 @@ def test_data_tables_have_the_arrow_schema_columns_plus_the_system_columns(con, 
 
 def test_sync_runs_has_a_column_per_sync_result_field_plus_the_ledgers_own(con):
     """A counter added to ``SyncResult`` alone would never reach the ledger."""
-    expected = [f.name for f in fields(SyncResult)] + ["started_at", "finished_at", "api_url"]
+    expected = [f.name for f in fields(SyncResult)] + ["started_at", "finished_at", "api_url",
+                                                        "workspace"]
     assert sorted(columns(con, "sync_runs")) == sorted(expected)

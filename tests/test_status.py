@@ -14,7 +14,6 @@ from helpers import LIVE, RUNS, SYNCS, handmade_warehouse, settings_for_db
 from rich.console import Console
 
 from runs_etl import warehouse
-from runs_etl.warehouse.migrations import MIGRATIONS
 from runs_etl.cli import main
 from runs_etl.errors import WarehouseError
 from runs_etl.ops.lock import note_progress, writer_lock
@@ -25,6 +24,7 @@ from runs_etl.outputs.status import (
     print_status,
     render_status,
 )
+from runs_etl.warehouse.migrations import MIGRATIONS
 
 
 @pytest.fixture
@@ -221,8 +221,9 @@ def test_the_status_tables_fit_80_columns_with_their_key_columns(db):
 
 def test_markup_and_terminal_escapes_in_a_ledger_error_print_harmlessly(db):
     con = warehouse.connect(db)
-    con.execute("INSERT INTO sync_runs (sync_id, started_at, finished_at, outcome, mode, error) "
-                "VALUES (5, now(), now(), 'failed', 'full', ?)", ["x [/] y \x1b[2J"])
+    con.execute("INSERT INTO sync_runs (workspace, sync_id, started_at, finished_at, outcome, "
+                "mode, error) "
+                "VALUES ('default', 5, now(), now(), 'failed', 'full', ?)", ["x [/] y \x1b[2J"])
     con.close()
     for text in (status_text(db), render_at(db, 80)):
         assert "\x1b" not in text

@@ -37,8 +37,8 @@ def sleeps(monkeypatch):
     recorded = Sleeps()
     original = ApiClient.from_settings.__func__
 
-    def from_settings(cls, settings, transport=None):
-        client = original(cls, settings, transport=transport)
+    def from_settings(cls, settings, transport=None, **kw):
+        client = original(cls, settings, transport=transport, **kw)
         client.sleep, client.jitter = recorded, (lambda: 0.5)
         return client
 
@@ -184,7 +184,7 @@ def test_rejected_records_under_the_limit_are_kept_and_counted(tmp_path, con):
 
 def test_a_sync_left_running_is_marked_abandoned_by_the_next(tmp_path, con):
     warehouse.migrate(con)
-    killed = ledger.open_attempt(con, BASE_URL)  # a process that died mid-sync
+    killed = ledger.open_attempt(con, "default", BASE_URL)  # a process that died mid-sync
     result = sync(settings_for(tmp_path), con, transport=FakeApi(make_runs(3)).transport())
     rows = {r["sync_id"]: r for r in ledger_rows(con)}
     assert rows[killed]["outcome"] == "abandoned"

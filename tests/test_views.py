@@ -211,8 +211,9 @@ def test_run_facts_and_open_runs_use_exactly_the_engines_terminal_statuses(tmp_p
     con = warehouse.connect(tmp_path / "runs.duckdb")
     warehouse.migrate(con)
     for i, status in enumerate(statuses):
-        con.execute("INSERT INTO runs (id, status, created_at, _first_seen_at, _synced_at) "
-                    "VALUES (?, ?, now(), now(), now())", [f"r{i}-{status}", status])
+        con.execute("INSERT INTO runs (workspace, id, status, created_at, _first_seen_at, "
+                    "_synced_at) VALUES ('default', ?, ?, now(), now(), now())",
+                    [f"r{i}-{status}", status])
     warehouse.apply_views(con)
     facts = dict(con.execute("SELECT status, is_terminal FROM run_facts").fetchall())
     assert facts == {s: s in TERMINAL_STATUSES for s in statuses}

@@ -77,7 +77,7 @@ def walk(tmp_path):
                 await client.aclose()
 
         report = asyncio.run(main())
-        merge(con, 1)
+        merge(con, "default", 1)
         return Walked(report, con, api)
 
     yield run

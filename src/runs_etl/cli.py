@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="walk every page and apply deletes (only after a verified walk)")
     p.add_argument("--allow-mass-delete", action="store_true",
                    help="let a full refresh delete more than sync.max_delete_fraction")
+    p.add_argument("--workspace", action="append", metavar="NAME",
+                   help="sync only this [[workspaces]] entry (repeatable; default: all)")
     _wait_flag(p)
     p.set_defaults(func=cmd_sync)
 
@@ -116,13 +118,13 @@ def settings_from_args(args: argparse.Namespace, env=None) -> Settings:
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
-    from .jobs import run_sync
+    from .jobs import run_syncs
 
     settings = settings_from_args(args)
     setup_logging(settings.logging.format, settings.logging.level)
     try:
-        run_sync(settings, quiet=args.quiet, full_refresh=args.full_refresh,
-                 allow_mass_delete=args.allow_mass_delete)
+        run_syncs(settings, args.workspace, quiet=args.quiet, full_refresh=args.full_refresh,
+                  allow_mass_delete=args.allow_mass_delete)
     except RunsEtlError as e:
         log_failure(log, "sync", e)  # the log line carries request id, status, exit code
         raise
@@ -131,13 +133,13 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 
 def cmd_schedule(args: argparse.Namespace) -> int:
-    from .jobs import run_sync
+    from .jobs import run_syncs
     from .ops.scheduler import run_scheduler
 
     settings = settings_from_args(args)
     setup_logging(settings.logging.format, settings.logging.level)
-    settings.api_key()  # a missing key fails the service at start, not every run after
-    return run_scheduler(settings, lambda s: run_sync(s, quiet=True))
+    settings.check_keys(settings.workspace_names())  # fail at start, not every run after
+    return run_scheduler(settings, lambda s: run_syncs(s, quiet=True))
 
 
 def cmd_export(args: argparse.Namespace) -> int:

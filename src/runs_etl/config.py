@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import logging
+import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -30,11 +32,16 @@ from pydantic import (
 
 from .errors import ConfigError, one_line
 
+log = logging.getLogger("runs_etl.config")
+
 DEFAULT_CONFIG_FILE = "runs-etl.toml"
+DEFAULT_WORKSPACE = "default"
+WORKSPACE_NAME = r"^[a-z0-9][a-z0-9_-]{0,39}$"
 DEFAULT_API_URL = "https://backend.noxus.ai"
 DEFAULT_DUCKDB_PATH = "./runs.duckdb"
 DEFAULT_PAGE_SIZE = 100
 DEFAULT_CONCURRENCY = 8
+DEFAULT_MAX_IN_FLIGHT = 16
 # DuckDB 1.4 and newer (CLI, BI drivers, notebooks) read files written in this format.
 DEFAULT_STORAGE_COMPATIBILITY = "v1.4.0"
 DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
@@ -187,6 +194,9 @@ class SyncSettings(_Section):
     full_refresh_every: Duration | None = Field(None, description="periodic verified full walk")
     max_delete_fraction: float = Field(0.05, ge=0, le=1, description="mass-delete breaker")
     max_single_refreshes: int = Field(500, ge=0, description="open runs refreshed one by one")
+    max_requests_in_flight: int = Field(
+        DEFAULT_MAX_IN_FLIGHT, ge=1, le=256,
+        description="requests in flight across all workspaces (each keeps api.concurrency)")
     max_duration: Duration = Field(DEFAULT_MAX_DURATION,
                                    description="a sync still walking after this fails cleanly")
 
@@ -225,12 +235,24 @@ class LoggingSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 
 
+class WorkspaceSettings(_Section):
+    """One ``[[workspaces]]`` entry: a Noxus workspace (one API key) synced into the warehouse."""
+
+    name: str = Field(pattern=WORKSPACE_NAME, description="short slug, e.g. prod, staging")
+    api_url: str | None = Field(None, description="API base URL (default: api.url)")
+    key_env: str | None = Field(None, description="environment variable holding the key")
+    key_file: Path | None = Field(None, description="file holding the key")
+    key: SecretStr | None = Field(None, description="the key itself (prefer key_env / key_file)")
+
+
 class Settings(BaseModel):
     """Every setting of runs-etl, grouped like ``config.example.toml``."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     api: ApiSettings = ApiSettings()
+    # Empty: one workspace, ``default``, from ``[api]`` (and RUNS_ETL_API_KEY).
+    workspaces: tuple[WorkspaceSettings, ...] = ()
     warehouse: WarehouseSettings = WarehouseSettings()
     sync: SyncSettings = SyncSettings()
     export: ExportSettings = ExportSettings()
@@ -245,6 +267,39 @@ class Settings(BaseModel):
         raise ConfigError(
             ["no API key: set RUNS_ETL_API_KEY, RUNS_ETL_API_KEY_FILE or [api] key in the config"]
         )
+
+    def workspace_names(self) -> list[str]:
+        return [w.name for w in self.workspaces] or [DEFAULT_WORKSPACE]
+
+    def select_workspaces(self, names: Sequence[str] | None) -> list[str]:
+        """The workspaces a command works on (all by default); unknown names are ConfigError."""
+        known = self.workspace_names()
+        if not names:
+            return known
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise ConfigError([f"--workspace {n}: no such workspace (configured: "
+                               f"{', '.join(known)})" for n in unknown])
+        return list(dict.fromkeys(names))
+
+    def for_workspace(self, name: str) -> Settings:
+        """These settings with ``api`` pointing at workspace ``name`` (its URL and key), so the
+        engine syncs one workspace with the settings it always had."""
+        if not self.workspaces:
+            return self
+        ws = next(w for w in self.workspaces if w.name == name)
+        api = self.api.model_copy(update={"url": ws.api_url or self.api.url, "key": ws.key})
+        return self.model_copy(update={"api": api})
+
+    def check_keys(self, names: Sequence[str]) -> None:
+        """Every workspace to sync has a key, before anything is locked or created."""
+        if not self.workspaces:
+            self.api_key()
+            return
+        missing = [n for n in names if self.for_workspace(n).api.key is None]
+        if missing:
+            raise ConfigError([f"workspace {n!r}: no API key: set key_env (an environment "
+                               "variable holding it) or key_file" for n in missing])
 
 
 def _deep_merge(base: dict, over: Mapping) -> dict:
@@ -357,7 +412,54 @@ def load_settings(
         problems = _format_errors(e, origins) + problems
     if problems:
         raise ConfigError(problems)
-    return _resolve_key_file(settings)
+    return _resolve_workspaces(_resolve_key_file(settings), env, config_file)
+
+
+def _resolve_workspaces(settings: Settings, env: Mapping[str, str],
+                        config_file: Path | None) -> Settings:
+    """Read each workspace's key (from its environment variable or file) and check its URL the
+    way ``[api] url`` is checked; problems name the workspace."""
+    if not settings.workspaces:
+        return settings
+    problems: list[str] = []
+    names = [w.name for w in settings.workspaces]
+    problems += [f"workspaces: {n!r} is configured twice" for n in sorted(set(names))
+                 if names.count(n) > 1]
+    resolved = []
+    for ws in settings.workspaces:
+        where = f"workspace {ws.name!r}"
+        key = ws.key.get_secret_value() if ws.key is not None else None
+        if sum(x is not None for x in (ws.key, ws.key_env, ws.key_file)) > 1:
+            problems.append(f"{where}: set one of key_env, key_file and key")
+        elif ws.key_env is not None:
+            key = env.get(ws.key_env) or None
+            if key is None:
+                problems.append(f"{where}: key_env {ws.key_env} is not set in the environment")
+        elif ws.key_file is not None:
+            try:
+                key = ws.key_file.read_text(encoding="utf-8").strip() or None
+            except OSError as e:
+                problems.append(f"{where}: cannot read key_file {ws.key_file}: {e.strerror}")
+            else:
+                if key is None:
+                    problems.append(f"{where}: key_file {ws.key_file} is empty")
+        try:
+            api = ApiSettings.model_validate({**settings.api.model_dump(),
+                                              "url": ws.api_url or settings.api.url,
+                                              "key": key})
+        except ValidationError as e:
+            problems += [f"{where}: {p.replace('url:', 'api_url:', 1)}"
+                         for p in _format_errors(e)]
+            continue
+        resolved.append(ws.model_copy(update={"api_url": api.url, "key": api.key}))
+    if problems:
+        raise ConfigError(problems)
+    plain = [w.name for w in settings.workspaces if w.key is not None]
+    if len(settings.workspaces) > 1 and plain and config_file is not None \
+            and os.stat(config_file).st_mode & 0o044:
+        log.warning("%s holds plain API keys (workspaces %s) and other users can read it: use "
+                    "key_env or key_file, or chmod 600 it", config_file, ", ".join(plain))
+    return settings.model_copy(update={"workspaces": tuple(resolved)})
 
 
 def _resolve_key_file(settings: Settings) -> Settings:

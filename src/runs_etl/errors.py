@@ -10,6 +10,7 @@
     │   └── WalkError                          the server never ends, or the walk cannot be trusted
     ├── DeadlineError                          the sync ran past sync.max_duration
     ├── DataError                              too many records failed validation
+    ├── WorkspacesFailed              worst of   some workspaces of a sync failed, others committed
     └── WarehouseError                         DuckDB could not be opened / migrated / written
         └── LockedError               exit 75  another writer holds the warehouse
 """
@@ -135,3 +136,20 @@ class WarehouseError(RunsEtlError):
 
 class LockedError(WarehouseError):
     exit_code = EXIT_LOCKED
+
+
+# Which exit code wins when several workspaces fail differently: what a person must fix first.
+_SEVERITY = {EXIT_INTERRUPTED: 5, EXIT_CONFIG: 4, EXIT_AUTH: 3, EXIT_LOCKED: 2, EXIT_FAILURE: 1}
+
+
+class WorkspacesFailed(RunsEtlError):
+    """Some workspaces of a sync failed (the others committed); ``failures`` maps each failed
+    workspace to its error, and the exit code is the most serious of theirs."""
+
+    def __init__(self, failures: dict[str, RunsEtlError], synced: list[str]):
+        self.failures = failures
+        self.exit_code = max((e.exit_code for e in failures.values()),
+                             key=lambda c: _SEVERITY.get(c, 0))
+        kept = f" ({', '.join(synced)} synced and committed)" if synced else ""
+        super().__init__(f"{len(failures)} workspace(s) failed{kept}: " + "; ".join(
+            f"{name}: {err}" for name, err in failures.items()))

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 
 from .config import Settings
-from .engine.sync import sync
+from .engine.sync import Outcome, sync_workspaces
 from .engine.walk import Progress
-from .errors import LockedError, RunsEtlError
+from .errors import LockedError, RunsEtlError, WorkspacesFailed
 from .ops.console import make_progress
 from .ops.lock import Holder, note_progress, record_skipped, writer_lock
 from .outputs.export import ExportResult, export_parquet
@@ -32,10 +32,25 @@ NOTE_PROGRESS_EVERY = 1.0  # seconds between updates of a running sync's pages i
 def run_sync(settings: Settings, *, quiet: bool = False, full_refresh: bool = False,
              allow_mass_delete: bool = False,
              transport: httpx.AsyncBaseTransport | None = None) -> SyncResult:
-    """Sync once under the writer lock on the private working file, publish the snapshot
-    readers open, then refresh the Parquet export if one is configured. Another writer on the
-    same warehouse is ``LockedError`` (exit 75)."""
-    settings.api_key()  # a missing key is a config error before any file is locked or created
+    """``run_syncs`` for a single-workspace configuration: its ledger row, or its error."""
+    [outcome] = run_syncs(settings, settings.workspace_names()[:1], quiet=quiet,
+                          full_refresh=full_refresh, allow_mass_delete=allow_mass_delete,
+                          transports=None if transport is None else {"*": transport})
+    return outcome.result
+
+
+def run_syncs(settings: Settings, workspaces: Sequence[str] | None = None, *,
+              quiet: bool = False, full_refresh: bool = False, allow_mass_delete: bool = False,
+              transports: Mapping[str, httpx.AsyncBaseTransport] | None = None
+              ) -> list[Outcome]:
+    """Sync ``workspaces`` (all by default) once, under the writer lock on the private working
+    file, publish the snapshot readers open, then refresh the Parquet export if configured.
+
+    Another writer on the same warehouse is ``LockedError`` (exit 75). A failed workspace
+    leaves the others committed and published, then raises: its own error when it was the only
+    one, else ``WorkspacesFailed`` naming each."""
+    names = settings.select_workspaces(workspaces)
+    settings.check_keys(names)  # a config error before any file is locked or created
     wh = settings.warehouse
     t0 = time.monotonic()
     with _skips_recorded(wh.duckdb_path), \
@@ -45,19 +60,33 @@ def run_sync(settings: Settings, *, quiet: bool = False, full_refresh: bool = Fa
             with make_progress(quiet=quiet) as bar:
                 progress = _HolderProgress(bar, wh.duckdb_path, holder)
                 try:
-                    result = sync(settings, con, transport=transport, progress=progress,
-                                  full_refresh=full_refresh, allow_mass_delete=allow_mass_delete)
+                    outcomes = sync_workspaces(
+                        settings, con, names, transports=transports, progress=progress,
+                        full_refresh=full_refresh, allow_mass_delete=allow_mass_delete)
                 except BaseException:  # Ctrl-C / SIGTERM included: the ledger says what happened
                     _publish_after_failure(con, settings)  # so status shows the failed attempt
                     raise
             seconds = publish(con, wh)
             log.debug("published %s in %.3fs", wh.duckdb_path, seconds,
                       extra={"event": "published", "seconds": seconds})
-            if settings.export.parquet_dir is not None:
-                _export_after_sync(settings, con, result)
-            return result
+            synced = [o for o in outcomes if o.error is None]
+            if settings.export.parquet_dir is not None and synced:
+                _export_after_sync(settings, con, synced[-1].result)
         finally:
             con.close()
+    _raise_failures(outcomes)
+    return outcomes
+
+
+def _raise_failures(outcomes: list[Outcome]) -> None:
+    failed = {o.workspace: o.error for o in outcomes if o.error is not None}
+    if not failed:
+        return
+    if len(outcomes) == 1:
+        raise next(iter(failed.values()))
+    errors = {n: e if isinstance(e, RunsEtlError) else RunsEtlError(str(e) or type(e).__name__)
+              for n, e in failed.items()}
+    raise WorkspacesFailed(errors, [o.workspace for o in outcomes if o.error is None])
 
 
 def run_export(settings: Settings) -> ExportResult:

@@ -7,6 +7,7 @@ the concurrency limit, so every caller (page walks, single-run refreshes) shares
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -139,13 +140,16 @@ class ApiClient:
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     jitter: Callable[[], float] = random.random
     stats: RequestStats = field(default_factory=RequestStats)
+    # A bound shared with other workspaces' clients (requests in flight across all of them).
+    shared: asyncio.Semaphore | None = None
 
     def __post_init__(self) -> None:
         self._slots = asyncio.Semaphore(self.concurrency)
         self._seq = itertools.count(1)
 
     @classmethod
-    def from_settings(cls, settings: Settings, transport: httpx.AsyncBaseTransport | None = None):
+    def from_settings(cls, settings: Settings, transport: httpx.AsyncBaseTransport | None = None,
+                      shared: asyncio.Semaphore | None = None):
         api = settings.api
         verify: ssl.SSLContext | bool = True
         if api.ca_bundle is not None:
@@ -166,7 +170,7 @@ class ApiClient:
         )
         return cls(http, api.page_size, api.concurrency, api.max_attempts, api.backoff_base,
                    api.backoff_max, deadline=api.request_deadline or 2 * api.timeout,
-                   max_response_bytes=api.max_response_bytes)
+                   max_response_bytes=api.max_response_bytes, shared=shared)
 
     def next_seq(self) -> int:
         """A seq later than every response so far (for snapshots assembled by the caller)."""
@@ -239,7 +243,7 @@ class ApiClient:
         """One attempt on the wire, within the concurrency budget and ``deadline``; transport
         failures, timeouts and undecodable bodies are retryable."""
         try:
-            async with self._slots:
+            async with self._slots, self.shared or contextlib.nullcontext():
                 self.stats.requests += 1
                 # The read timeout is per chunk: a server trickling bytes never trips it.
                 async with asyncio.timeout(self.deadline):

@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from ..config import Settings
+from ..config import DEFAULT_WORKSPACE, Settings
 from ..warehouse import ledger
 from .client import ApiClient, FetchedPage
 from .load import check_mass_delete
@@ -62,30 +62,33 @@ class Extracted:
     missing_ids: list[str] = field(default_factory=list)  # 404 on GET /v1/runs/{id}
 
 
-def plan_sync(con, settings: Settings, *, full_refresh: bool, now: datetime | None = None) -> Plan:
-    """Pick the mode from the warehouse's history and the settings (see module docstring)."""
+def plan_sync(con, settings: Settings, *, full_refresh: bool, now: datetime | None = None,
+              workspace: str = DEFAULT_WORKSPACE) -> Plan:
+    """Pick the mode from the workspace's history and the settings (see module docstring)."""
     now = now or datetime.now(UTC)
     (last_ok,) = con.execute(
-        "SELECT max(finished_at) FROM sync_runs WHERE outcome = 'success'").fetchall()[0]
+        "SELECT max(finished_at) FROM sync_runs WHERE workspace = ? AND outcome = 'success'",
+        [workspace]).fetchall()[0]
     if last_ok is None:
-        return Plan("full", "first sync of this warehouse")
+        return Plan("full", "first sync of this workspace")
     if full_refresh:
         return Plan("full", "--full-refresh requested")
     every = settings.sync.full_refresh_every
     if every is not None:
-        last_full = ledger.get_state(con, STATE_LAST_FULL)
+        last_full = ledger.get_state(con, workspace, STATE_LAST_FULL)
         if last_full is None or now - datetime.fromisoformat(last_full) >= every:
             return Plan("full", f"periodic reconciliation (full_refresh_every={every})")
-    if ledger.get_state(con, STATE_LAST_FULL) is None:
+    if ledger.get_state(con, workspace, STATE_LAST_FULL) is None:
         return Plan("full", "no full walk verified yet: earlier walks may have missed runs")
-    order = ledger.get_state(con, STATE_ORDER)
+    order = ledger.get_state(con, workspace, STATE_ORDER)
     if order != NEWEST_FIRST:
         return Plan("fallback", "source order not verified newest-first"
                     + (f" (last seen: {order})" if order else ""))
     (watermark,) = con.execute(
-        "SELECT max(created_at) FROM runs WHERE _deleted_at IS NULL").fetchall()[0]
+        "SELECT max(created_at) FROM runs WHERE workspace = ? AND _deleted_at IS NULL",
+        [workspace]).fetchall()[0]
     if watermark is None:
-        return Plan("fallback", "warehouse holds no live runs")
+        return Plan("fallback", "the warehouse holds no live runs of this workspace")
     cutoff = watermark - settings.sync.lookback
     return Plan("incremental", f"newest-first source; settled before {cutoff.isoformat()}",
                 cutoff)
@@ -110,7 +113,8 @@ async def extract(plan: Plan, client: ApiClient, sink, reader, settings: Setting
             if any(utc(r.created_at) >= cutoff or not r.is_terminal for r in runs):
                 return False
             async with guard:  # one query at a time on the reader connection
-                known = await asyncio.to_thread(_count_settled, reader, [r.id for r in runs])
+                known = await asyncio.to_thread(_count_settled, reader, sink.workspace,
+                                                [r.id for r in runs])
             return known == len(runs)
 
         report = await head_walk(client, sink, stop_after=settled, progress=progress, **walk_kw)
@@ -162,11 +166,12 @@ def gone(ids: list[str], fetched: list) -> list[str]:
     return [i for i in missing if i not in doubtful]
 
 
-def _count_settled(reader, ids: list[str]) -> int:
+def _count_settled(reader, workspace: str, ids: list[str]) -> int:
     (n,) = reader.execute(
-        "SELECT count(*) FROM runs WHERE id IN (SELECT unnest($ids)) AND _deleted_at IS NULL "
+        "SELECT count(*) FROM runs WHERE workspace = $ws AND id IN (SELECT unnest($ids)) "
+        "AND _deleted_at IS NULL "
         "AND status IN (SELECT unnest($terminal))",
-        {"ids": ids, "terminal": list(TERMINAL_STATUSES)}).fetchall()[0]
+        {"ws": workspace, "ids": ids, "terminal": list(TERMINAL_STATUSES)}).fetchall()[0]
     return n
 
 

@@ -50,97 +50,109 @@ def check_mass_delete(n: int, live: int, max_fraction: float) -> None:
             "source really lost them, run again with --allow-mass-delete")
 
 
-def merge(con, sync_id: int) -> MergeCounts:
-    """Upsert the freshest staged snapshot of every run and workflow."""
+def merge(con, workspace: str, sync_id: int) -> MergeCounts:
+    """Upsert the freshest staged snapshot of every run and workflow of ``workspace``."""
     cols = RUN_COLUMNS
+    p = {"ws": workspace, "sync": sync_id}
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE run_changes AS
         WITH latest AS (SELECT id, max(_seq) AS _seq FROM stage_runs GROUP BY id),
-        cur AS (SELECT s.* FROM stage_runs s JOIN latest USING (id, _seq))
+        cur AS (SELECT s.* FROM stage_runs s JOIN latest USING (id, _seq)),
+        mine AS (SELECT * FROM runs WHERE workspace = $ws)
         SELECT c.id, c._seq, r._first_seen_at,
                CASE WHEN r.id IS NULL THEN 'new'
                     WHEN r._deleted_at IS NOT NULL OR {_changed(cols, 'c', 'r')}
                     THEN 'updated' ELSE 'unchanged' END AS change,
                r._deleted_at IS NOT NULL AS undeleted
-        FROM cur c LEFT JOIN runs r USING (id)""")
-    con.execute("DELETE FROM runs WHERE id IN "
-                "(SELECT id FROM run_changes WHERE change = 'updated')")
+        FROM cur c LEFT JOIN mine r USING (id)""", {"ws": workspace})
+    con.execute("DELETE FROM runs WHERE workspace = $ws AND id IN "
+                "(SELECT id FROM run_changes WHERE change = 'updated')", {"ws": workspace})
     con.execute(f"""
-        INSERT INTO runs ({_list(cols)}, _first_seen_at, _synced_at, _deleted_at, _sync_id)
-        SELECT {_list(cols, 's.')}, coalesce(d._first_seen_at, now()), now(), NULL, ?
+        INSERT INTO runs (workspace, {_list(cols)}, _first_seen_at, _synced_at, _deleted_at,
+                          _sync_id)
+        SELECT $ws, {_list(cols, 's.')}, coalesce(d._first_seen_at, now()), now(), NULL, $sync
         FROM stage_runs s JOIN run_changes d ON s.id = d.id AND s._seq = d._seq
-        WHERE d.change <> 'unchanged'""", [sync_id])
-    con.execute("DELETE FROM run_nodes WHERE run_id IN "
-                "(SELECT id FROM run_changes WHERE change = 'updated')")
+        WHERE d.change <> 'unchanged'""", p)
+    con.execute("DELETE FROM run_nodes WHERE workspace = $ws AND run_id IN "
+                "(SELECT id FROM run_changes WHERE change = 'updated')", {"ws": workspace})
     con.execute("""
-        INSERT INTO run_nodes (run_id, position, node_id)
-        SELECT n.run_id, n.position, n.node_id
+        INSERT INTO run_nodes (workspace, run_id, position, node_id)
+        SELECT $ws, n.run_id, n.position, n.node_id
         FROM stage_nodes n JOIN run_changes d ON n.run_id = d.id AND n._seq = d._seq
-        WHERE d.change <> 'unchanged'""")
+        WHERE d.change <> 'unchanged'""", {"ws": workspace})
     new, updated, unchanged, undeleted = con.execute("""
         SELECT count(*) FILTER (change = 'new'), count(*) FILTER (change = 'updated'),
                count(*) FILTER (change = 'unchanged'), count(*) FILTER (undeleted)
         FROM run_changes""").fetchall()[0]
-    wf_new, wf_updated = _merge_workflows(con, sync_id)
+    wf_new, wf_updated = _merge_workflows(con, workspace, sync_id)
     return MergeCounts(new, updated, unchanged, undeleted, wf_new, wf_updated)
 
-def _merge_workflows(con, sync_id: int) -> tuple[int, int]:
+
+def _merge_workflows(con, workspace: str, sync_id: int) -> tuple[int, int]:
     cols = WORKFLOW_COLUMNS
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE wf_changes AS
         WITH cur AS (SELECT * FROM stage_workflows
-                     QUALIFY row_number() OVER (PARTITION BY id ORDER BY _seq DESC) = 1)
+                     QUALIFY row_number() OVER (PARTITION BY id ORDER BY _seq DESC) = 1),
+        mine AS (SELECT * FROM workflows WHERE workspace = $ws)
         SELECT c.*, w._first_seen_at AS _prev_first_seen, w.id IS NULL AS _is_new
-        FROM cur c LEFT JOIN workflows w USING (id)
-        WHERE w.id IS NULL OR {_changed(cols, 'c', 'w')}""")
-    con.execute("DELETE FROM workflows WHERE id IN "
-                "(SELECT id FROM wf_changes WHERE NOT _is_new)")
+        FROM cur c LEFT JOIN mine w USING (id)
+        WHERE w.id IS NULL OR {_changed(cols, 'c', 'w')}""", {"ws": workspace})
+    con.execute("DELETE FROM workflows WHERE workspace = $ws AND id IN "
+                "(SELECT id FROM wf_changes WHERE NOT _is_new)", {"ws": workspace})
     con.execute(f"""
-        INSERT INTO workflows ({_list(cols)}, _first_seen_at, _synced_at, _sync_id)
-        SELECT {_list(cols)}, coalesce(_prev_first_seen, now()), now(), ?
-        FROM wf_changes""", [sync_id])
+        INSERT INTO workflows (workspace, {_list(cols)}, _first_seen_at, _synced_at, _sync_id)
+        SELECT $ws, {_list(cols)}, coalesce(_prev_first_seen, now()), now(), $sync
+        FROM wf_changes""", {"ws": workspace, "sync": sync_id})
     return con.execute("SELECT count(*) FILTER (_is_new), count(*) FILTER (NOT _is_new) "
                        "FROM wf_changes").fetchall()[0]
 
-def save_rejected(con, sync_id: int) -> int:
+
+def save_rejected(con, workspace: str, sync_id: int) -> int:
     (n,) = con.execute("SELECT count(*) FROM stage_rejected").fetchall()[0]
-    con.execute("INSERT INTO rejected_records SELECT ?, page, item_index, run_id, "
-                     "error, raw, now() FROM stage_rejected", [sync_id])
+    con.execute("INSERT INTO rejected_records (workspace, sync_id, page, item_index, run_id, "
+                "error, raw, rejected_at) SELECT $ws, $sync, page, item_index, run_id, error, "
+                "raw, now() FROM stage_rejected", {"ws": workspace, "sync": sync_id})
     return n
 
-def mark_deleted(con, sync_id: int, ids: list[str], *, max_fraction: float | None) -> int:
-    """Soft-delete the live runs among ``ids`` (confirmed gone: 404 by id). Refuses with
-    DataError beyond ``max_fraction`` of the live runs (None = no limit)."""
+
+def mark_deleted(con, workspace: str, sync_id: int, ids: list[str], *,
+                 max_fraction: float | None) -> int:
+    """Soft-delete the live runs of ``workspace`` among ``ids`` (confirmed gone: 404 by id).
+    Refuses with DataError beyond ``max_fraction`` of the workspace's live runs (None = no
+    limit)."""
     con.execute("CREATE OR REPLACE TEMP TABLE gone AS SELECT unnest($ids::VARCHAR[]) AS id",
                 {"ids": ids})
-    (n,) = con.execute("SELECT count(DISTINCT id) FROM runs WHERE _deleted_at IS NULL "
-                       "AND id IN (SELECT id FROM gone)").fetchall()[0]
-    (live,) = con.execute("SELECT count(*) FROM runs WHERE _deleted_at IS NULL").fetchall()[0]
+    live_runs = "FROM runs WHERE workspace = $ws AND _deleted_at IS NULL"
+    (n,) = con.execute(f"SELECT count(DISTINCT id) {live_runs} AND id IN (SELECT id FROM gone)",
+                       {"ws": workspace}).fetchall()[0]
+    (live,) = con.execute(f"SELECT count(*) {live_runs}", {"ws": workspace}).fetchall()[0]
     if max_fraction is not None:
         check_mass_delete(n, live, max_fraction)
     if n:
-        con.execute("UPDATE runs SET _deleted_at = now(), _synced_at = now(), _sync_id = ? "
-                    "WHERE _deleted_at IS NULL AND id IN (SELECT id FROM gone)",
-                    [sync_id])
+        con.execute("UPDATE runs SET _deleted_at = now(), _synced_at = now(), _sync_id = $sync "
+                    "WHERE workspace = $ws AND _deleted_at IS NULL "
+                    "AND id IN (SELECT id FROM gone)", {"ws": workspace, "sync": sync_id})
     return n
 
 
-
-def new_extra_fields(con) -> list[str]:
-    """Top-level fields the API sent that no earlier sync saw (unknown to ``Run``, so kept in
-    ``extra``): logged once and remembered, so schema drift is seen, not silently absorbed."""
+def new_extra_fields(con, workspace: str) -> list[str]:
+    """Top-level fields the API sent that no earlier sync of ``workspace`` saw (unknown to
+    ``Run``, so kept in ``extra``): logged once and remembered, so schema drift is seen, not
+    silently absorbed."""
     rows = con.execute("SELECT DISTINCT unnest(json_keys(extra)) FROM stage_runs "
                        "WHERE extra IS NOT NULL").fetchall()
-    baseline = ledger.get_state(con, STATE_KNOWN_EXTRA)
+    baseline = ledger.get_state(con, workspace, STATE_KNOWN_EXTRA)
     known = set(baseline or [])
     new = sorted({k for (k,) in rows} - known - set(Run.model_fields))
     if new:
-        ledger.set_state(con, STATE_KNOWN_EXTRA, sorted(known | set(new)))
+        ledger.set_state(con, workspace, STATE_KNOWN_EXTRA, sorted(known | set(new)))
         # The first fields a warehouse sees are its baseline, not drift: worth a line, not an
         # alarm. Fields that appear later are the API changing under the warehouse.
         log.log(logging.INFO if baseline is None else logging.WARNING,
-                "the API sends fields runs-etl does not know (kept in runs.extra): %s",
-                ", ".join(new), extra={"event": "new_api_fields", "fields": new})
+                "workspace %s: the API sends fields runs-etl does not know (kept in "
+                "runs.extra): %s", workspace, ", ".join(new),
+                extra={"event": "new_api_fields", "fields": new, "workspace": workspace})
     return new
 
 

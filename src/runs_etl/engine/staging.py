@@ -19,6 +19,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..config import DEFAULT_WORKSPACE
 from .client import FetchedPage
 from .models import TERMINAL_STATUSES
 from .normalize import RUN_NODES_SCHEMA, RUNS_SCHEMA, WORKFLOWS_SCHEMA, Batch, normalize
@@ -52,9 +53,11 @@ def staging_root(con) -> Path | None:
 class Stage:
     """One sync's staged batches: Parquet files in a private folder, read as views."""
 
-    def __init__(self, con, sync_id: int, directory: Path | None = None):
+    def __init__(self, con, sync_id: int, directory: Path | None = None, *,
+                 workspace: str = DEFAULT_WORKSPACE):
         self.con = con
         self.sync_id = sync_id
+        self.workspace = workspace
         self.dir = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=directory))
         self._files = 0
         # An empty file per kind, so the views below always have something to read.
@@ -105,15 +108,16 @@ class Stage:
         delete candidates after a full walk, refresh candidates after a head walk."""
         terminal = list(TERMINAL_STATUSES)
         return [r[0] for r in self.con.execute(
-            "SELECT id FROM runs WHERE _deleted_at IS NULL "
+            "SELECT id FROM runs WHERE workspace = $ws AND _deleted_at IS NULL "
             "AND (NOT $open_only OR status NOT IN (SELECT unnest($terminal))) "
             "AND id NOT IN (SELECT id FROM stage_runs)",
-            {"open_only": open_only, "terminal": terminal}).fetchall()]
+            {"ws": self.workspace, "open_only": open_only, "terminal": terminal}).fetchall()]
 
     def live_count(self) -> int:
         """Live runs in the warehouse (the mass-delete breaker's denominator)."""
         return self.con.execute(
-            "SELECT count(*) FROM runs WHERE _deleted_at IS NULL").fetchall()[0][0]
+            "SELECT count(*) FROM runs WHERE workspace = ? AND _deleted_at IS NULL",
+            [self.workspace]).fetchall()[0][0]
 
     def close(self) -> None:
         """Drop the views and delete the staged files."""
@@ -224,6 +228,10 @@ class StagingSink:
                          self.stage.old_discoveries(lo, hi, newest_before),
                          self.stage.distinct_between(lo, hi, not_newer_than=head)
                          if head is not None else 0)
+
+    @property
+    def workspace(self) -> str:
+        return self.stage.workspace
 
     async def unstaged_live_ids(self, *, open_only: bool = False) -> list[str]:
         return await asyncio.to_thread(lambda: self.stage.unstaged_live_ids(open_only=open_only))

@@ -13,14 +13,16 @@ import contextlib
 import gc
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import duckdb
 import httpx
 
-from ..config import Settings, redact_url
+from ..config import DEFAULT_WORKSPACE, Settings, redact_url
 from ..errors import DataError, DeadlineError, WarehouseError
 from ..warehouse import ledger
 from ..warehouse.ledger import SyncResult
@@ -38,23 +40,50 @@ from .extract import (
     plan_sync,
 )
 from .staging import Stage, StagingSink, staging_root
-from .walk import NullProgress, Progress
+from .walk import NullProgress, Progress, gather_or_cancel
 
 log = logging.getLogger("runs_etl.sync")
 
 
-async def _extract(settings: Settings, plan: Plan, sink: StagingSink, reader, result: SyncResult,
-                   transport: httpx.AsyncBaseTransport | None, progress: Progress,
-                   allow_mass_delete: bool) -> Extracted:
-    client = ApiClient.from_settings(settings, transport=transport)
+@dataclass
+class _Job:
+    """One workspace's part of a sync: its settings, cursor, plan, ledger row and staging."""
+
+    name: str
+    settings: Settings
+    cur: Any  # a cursor of its own: temp views and transactions are per cursor
+    plan: Plan
+    result: SyncResult
+    t_start: float
+    stage: Stage | None = None
+    sink: StagingSink | None = None
+    extracted: Extracted | None = None
+    error: BaseException | None = None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one workspace: its ledger row, and the error if it failed."""
+
+    workspace: str
+    result: SyncResult
+    error: BaseException | None = None
+
+
+async def _extract(job: _Job, transport: httpx.AsyncBaseTransport | None, progress: Progress,
+                   allow_mass_delete: bool, shared: asyncio.Semaphore | None) -> Extracted:
+    settings, result = job.settings, job.result
+    assert job.sink is not None
+    client = ApiClient.from_settings(settings, transport=transport, shared=shared)
     limit = settings.sync.max_duration
+    reader = job.cur.cursor()  # sees the last commit while the walk stages data
     # A server can stall a sync for hours within every per-request limit (Retry-After, retries,
     # slow pages): the whole extract has one deadline too.
     deadline = asyncio.timeout(limit.total_seconds())
     try:
         try:
             async with deadline:
-                return await extract(plan, client, sink, reader, settings, progress,
+                return await extract(job.plan, client, job.sink, reader, settings, progress,
                                      allow_mass_delete=allow_mass_delete)
         except TimeoutError:
             if not deadline.expired():
@@ -62,11 +91,33 @@ async def _extract(settings: Settings, plan: Plan, sink: StagingSink, reader, re
             raise DeadlineError(f"the sync was still fetching after sync.max_duration ({limit}); "
                                 "stopped, nothing was committed") from None
     finally:
-        await sink.aclose()
+        await job.sink.aclose()
         s = client.stats
         result.requests, result.retries, result.bytes = s.requests, s.retries, s.bytes
         result.single_run_requests = s.single_requests
         await client.aclose()
+        reader.close()
+
+
+async def _extract_all(jobs: list[_Job], transports: Mapping[str, Any], progress: Progress,
+                       allow_mass_delete: bool, max_in_flight: int) -> None:
+    """Every workspace's walk at once, within one bound on requests in flight; a workspace that
+    fails does not stop the others (an interruption stops them all)."""
+    shared = asyncio.Semaphore(max_in_flight) if len(jobs) > 1 else None
+
+    async def one(job: _Job) -> None:
+        t0 = time.perf_counter()
+        try:
+            job.extracted = await _extract(job, transports.get(job.name), progress,
+                                           allow_mass_delete, shared)
+        except (duckdb.OutOfMemoryException, duckdb.IOException) as exc:
+            job.error = _warehouse_failure(job.settings, exc)
+        except Exception as exc:  # this workspace's failure, recorded as its own
+            job.error = exc
+        finally:
+            job.result.seconds_extract = time.perf_counter() - t0
+
+    await gather_or_cancel(one(job) for job in jobs)
 
 
 @contextmanager
@@ -85,63 +136,112 @@ def _fewer_gc_passes():
 def sync(settings: Settings, con, *, transport: httpx.AsyncBaseTransport | None = None,
          progress: Progress | None = None, full_refresh: bool = False,
          allow_mass_delete: bool = False) -> SyncResult:
-    """Mirror the API into ``con`` in one transaction; the ledger records success or failure."""
+    """Sync a single-workspace configuration; raises the workspace's error if it failed."""
+    [outcome] = sync_workspaces(settings, con, settings.workspace_names()[:1],
+                                transports={} if transport is None else {"*": transport},
+                                progress=progress, full_refresh=full_refresh,
+                                allow_mass_delete=allow_mass_delete)
+    if outcome.error is not None:
+        raise outcome.error
+    return outcome.result
+
+
+def sync_workspaces(settings: Settings, con, names: Sequence[str], *,
+                    transports: Mapping[str, Any] | None = None,
+                    progress: Progress | None = None, full_refresh: bool = False,
+                    allow_mass_delete: bool = False) -> list[Outcome]:
+    """Mirror each workspace of ``names`` into ``con``: walks run concurrently, merges one
+    after another, each in its own transaction with its own ledger row, so a workspace that
+    fails leaves the others committed. Returns one ``Outcome`` per workspace, in order."""
+    settings.check_keys(names)  # fail on a missing key before touching the warehouse
+    transports = dict(transports or {})
+    if "*" in transports:
+        transports = {n: transports["*"] for n in names}
+    t_start = time.perf_counter()
     try:
-        return _sync(settings, con, transport, progress, full_refresh, allow_mass_delete)
+        migrate(con)
+        ledger.mark_abandoned(con)
     except (duckdb.OutOfMemoryException, duckdb.IOException) as exc:
         raise _warehouse_failure(settings, exc) from exc
-
-
-def _sync(settings: Settings, con, transport, progress, full_refresh: bool,
-          allow_mass_delete: bool) -> SyncResult:
-    settings.api_key()  # fail on a missing key before touching the warehouse
-    t_start = time.perf_counter()
-    migrate(con)
-    ledger.mark_abandoned(con)
-    plan = plan_sync(con, settings, full_refresh=full_refresh)
-    # The URL may carry credentials (https://user:pass@host): the ledger keeps it without them.
-    sync_id = ledger.open_attempt(con, redact_url(settings.api.url))
-    result = SyncResult(sync_id=sync_id, mode=plan.mode, mode_reason=plan.reason)
-    reader = con.cursor()  # sees the last commit while the sync's transaction stages data
-    stage = None
-    in_transaction = False
+    jobs = [_open_job(settings, con, name, full_refresh, t_start) for name in names]
     try:
-        stage = Stage(con, result.sync_id, staging_root(con))
-        sink = StagingSink(stage, settings.sync.batch_pages)
-        t0 = time.perf_counter()
+        root = staging_root(con)
+        for job in jobs:
+            job.stage = Stage(job.cur, job.result.sync_id, root, workspace=job.name)
+            job.sink = StagingSink(job.stage, settings.sync.batch_pages)
         with _fewer_gc_passes():
-            extracted = asyncio.run(_extract(settings, plan, sink, reader, result, transport,
-                                             progress or NullProgress(), allow_mass_delete))
-        result.seconds_extract = time.perf_counter() - t0
-        _record_walk(result, extracted)
-        t1 = time.perf_counter()
-        # The walk only wrote staging files; the warehouse changes from here on, in one
-        # transaction (begun now, so DuckDB's now() in the merge is the time of the load).
-        con.begin()
-        in_transaction = True
-        _finish_load(stage, settings, result, extracted, allow_mass_delete)
-        result.seconds_load = time.perf_counter() - t1 + sink.seconds
-        result.seconds_total = time.perf_counter() - t_start
-        result.outcome = "success"
-        ledger.close_attempt(con, result.sync_id, "success", result.ledger_fields())
-        con.commit()
-    except BaseException as exc:
-        result.outcome = "failed"
-        result.error = (str(exc) or type(exc).__name__) if not isinstance(
-            exc, KeyboardInterrupt) else "interrupted (Ctrl-C or SIGTERM); nothing was committed"
-        result.seconds_total = time.perf_counter() - t_start
-        _record_failure(con, result, in_transaction)
+            asyncio.run(_extract_all(jobs, transports, progress or NullProgress(),
+                                     allow_mass_delete, settings.sync.max_requests_in_flight))
+        for job in jobs:
+            _load(job, allow_mass_delete)
+    except BaseException as exc:  # an interruption (or a bug): every open attempt failed
+        for job in jobs:
+            if job.result.outcome == "running":
+                _fail(job, exc, in_transaction=False)
         raise
     finally:
-        reader.close()
-        if stage is not None:
-            stage.close()
-            with contextlib.suppress(duckdb.Error):
-                load.drop_work_tables(con)
-    log.info("%s", summary_line(result),
-             extra={"event": "sync_finished", "sync_id": result.sync_id,
+        for job in jobs:
+            _close_job(job)
+    return [Outcome(job.name, job.result, job.error) for job in jobs]
+
+
+def _open_job(settings: Settings, con, name: str, full_refresh: bool, t_start: float) -> _Job:
+    ws_settings = settings.for_workspace(name)
+    cur = con.cursor()
+    plan = plan_sync(cur, ws_settings, full_refresh=full_refresh, workspace=name)
+    # The URL may carry credentials (https://user:pass@host): the ledger keeps it without them.
+    sync_id = ledger.open_attempt(cur, name, redact_url(ws_settings.api.url))
+    result = SyncResult(sync_id=sync_id, mode=plan.mode, mode_reason=plan.reason)
+    return _Job(name, ws_settings, cur, plan, result, t_start)
+
+
+def _load(job: _Job, allow_mass_delete: bool) -> None:
+    """Merge one workspace's staged walk in its own transaction, or record why it failed."""
+    if job.error is not None:
+        _fail(job, job.error, in_transaction=False)
+        return
+    assert job.extracted is not None and job.stage is not None and job.sink is not None
+    result, cur = job.result, job.cur
+    _record_walk(result, job.extracted)
+    t1 = time.perf_counter()
+    try:
+        # The walk only wrote staging files; the warehouse changes from here on, in one
+        # transaction (begun now, so DuckDB's now() in the merge is the time of the load).
+        cur.begin()
+        try:
+            _finish_load(job.stage, job.settings, result, job.extracted, allow_mass_delete)
+        except (duckdb.OutOfMemoryException, duckdb.IOException) as exc:
+            raise _warehouse_failure(job.settings, exc) from exc
+        result.seconds_load = time.perf_counter() - t1 + job.sink.seconds
+        result.seconds_total = time.perf_counter() - job.t_start
+        result.outcome = "success"
+        ledger.close_attempt(cur, result.sync_id, "success", result.ledger_fields())
+        cur.commit()
+    except Exception as exc:  # this workspace's failure; the next one still loads
+        job.error = exc
+        _fail(job, exc, in_transaction=True)
+        return
+    log.info("%s", summary_line(result, job.name),
+             extra={"event": "sync_finished", "sync_id": result.sync_id, "workspace": job.name,
                     "outcome": result.outcome, "sync": result.ledger_fields()})
-    return result
+
+
+def _fail(job: _Job, exc: BaseException, *, in_transaction: bool) -> None:
+    result = job.result
+    result.outcome = "failed"
+    result.error = (str(exc) or type(exc).__name__) if not isinstance(
+        exc, KeyboardInterrupt) else "interrupted (Ctrl-C or SIGTERM); nothing was committed"
+    result.seconds_total = time.perf_counter() - job.t_start
+    _record_failure(job.cur, result, in_transaction)
+
+
+def _close_job(job: _Job) -> None:
+    if job.stage is not None:
+        job.stage.close()
+        with contextlib.suppress(duckdb.Error):
+            load.drop_work_tables(job.cur)
+    with contextlib.suppress(duckdb.Error):
+        job.cur.close()
 
 
 def _record_failure(con, result: SyncResult, in_transaction: bool) -> None:
@@ -191,34 +291,36 @@ def _finish_load(stage: Stage, settings: Settings, result: SyncResult, extracted
             f"({rejected / received:.1%} > sync.max_reject_fraction "
             f"{settings.sync.max_reject_fraction:.1%}); nothing was committed. First problem: "
             + con.execute("SELECT error FROM stage_rejected LIMIT 1").fetchall()[0][0])
-    for k, v in asdict(load.merge(con, result.sync_id)).items():
+    for k, v in asdict(load.merge(con, stage.workspace, result.sync_id)).items():
         setattr(result, k, v)
     # Only runs confirmed gone (404 by id) are deleted; see extract.py for how they are found.
     result.rows_deleted = load.mark_deleted(
-        con, result.sync_id, extracted.missing_ids,
+        con, stage.workspace, result.sync_id, extracted.missing_ids,
         max_fraction=None if allow_mass_delete else settings.sync.max_delete_fraction)
-    load.save_rejected(con, result.sync_id)
-    result.new_fields = ", ".join(load.new_extra_fields(con)) or None
+    load.save_rejected(con, stage.workspace, result.sync_id)
+    result.new_fields = ", ".join(load.new_extra_fields(con, stage.workspace)) or None
     store_view_settings(con, settings)
     apply_views(con)
     if extracted.walked_all and extracted.walk.newest_first is not None:
-        ledger.set_state(con, STATE_ORDER,
+        ledger.set_state(con, stage.workspace, STATE_ORDER,
                          NEWEST_FIRST if extracted.walk.newest_first else "unordered")
     elif extracted.walk.newest_first is False:
-        ledger.set_state(con, STATE_ORDER, "unordered")
+        ledger.set_state(con, stage.workspace, STATE_ORDER, "unordered")
     if result.verified:
-        ledger.set_state(con, STATE_LAST_FULL, datetime.now(UTC).isoformat())
+        ledger.set_state(con, stage.workspace, STATE_LAST_FULL, datetime.now(UTC).isoformat())
 
 
-def summary_line(result: SyncResult) -> str:
-    """The one line per sync that cron mails and log search find."""
+def summary_line(result: SyncResult, workspace: str | None = None) -> str:
+    """The one line per sync (and workspace) that cron mails and log search find."""
     # Only a full walk can be verified complete; an incremental one is partial by design.
     if result.mode == "incremental" and not result.verified:
         how = ""
     else:
         how = "verified: " if result.verified else "UNVERIFIED: "
     return (
-        f"sync {result.sync_id} {result.outcome}: mode={result.mode} ({how}"
+        f"sync {result.sync_id} {result.outcome}"
+        f"{'' if workspace in (None, DEFAULT_WORKSPACE) else f' [{workspace}]'}: "
+        f"mode={result.mode} ({how}"
         f"{result.mode_reason}) pages={result.pages} requests={result.requests} "
         f"retries={result.retries} runs={result.runs_seen} new={result.rows_new} "
         f"updated={result.rows_updated} unchanged={result.rows_unchanged} "

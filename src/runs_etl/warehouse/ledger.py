@@ -56,6 +56,10 @@ class SyncResult:
 LEDGER_FIELDS = tuple(f.name for f in fields(SyncResult) if f.name not in ("sync_id", "outcome"))
 
 
+# ``sync_state`` rows that hold for every workspace (the settings the views read).
+ALL_WORKSPACES = "*"
+
+
 def mark_abandoned(con) -> int:
     """Rows left ``running`` by a killed process: only called while holding the writer lock."""
     (n,) = con.execute("SELECT count(*) FROM sync_runs WHERE outcome = 'running'").fetchall()[0]
@@ -66,11 +70,12 @@ def mark_abandoned(con) -> int:
     return n
 
 
-def open_attempt(con, api_url: str) -> int:
-    """Insert and commit a ``running`` row; returns its sync_id."""
+def open_attempt(con, workspace: str, api_url: str) -> int:
+    """Insert and commit a ``running`` row for one workspace; returns its sync_id."""
     (sync_id,) = con.execute("SELECT coalesce(max(sync_id), 0) + 1 FROM sync_runs").fetchall()[0]
-    con.execute("INSERT INTO sync_runs (sync_id, started_at, outcome, api_url) "
-                "VALUES (?, ?, 'running', ?)", [sync_id, datetime.now(UTC), api_url])
+    con.execute("INSERT INTO sync_runs (sync_id, workspace, started_at, outcome, api_url) "
+                "VALUES (?, ?, ?, 'running', ?)",
+                [sync_id, workspace, datetime.now(UTC), api_url])
     return sync_id
 
 
@@ -84,11 +89,13 @@ def close_attempt(con, sync_id: int, outcome: str, fields: dict[str, Any]) -> No
                 [outcome, datetime.now(UTC), *known.values(), sync_id])
 
 
-def get_state(con, key: str, default: Any = None) -> Any:
-    rows = con.execute("SELECT value FROM sync_state WHERE key = ?", [key]).fetchall()
+def get_state(con, workspace: str, key: str, default: Any = None) -> Any:
+    """A workspace's ``key`` (``ALL_WORKSPACES`` for settings shared by all)."""
+    rows = con.execute("SELECT value FROM sync_state WHERE workspace = ? AND key = ?",
+                       [workspace, key]).fetchall()
     return default if not rows or rows[0][0] is None else json.loads(rows[0][0])
 
 
-def set_state(con, key: str, value: Any) -> None:
-    con.execute("INSERT OR REPLACE INTO sync_state VALUES (?, ?, now())",
-                [key, json.dumps(value, default=str)])
+def set_state(con, workspace: str, key: str, value: Any) -> None:
+    con.execute("INSERT OR REPLACE INTO sync_state (workspace, key, value, updated_at) "
+                "VALUES (?, ?, ?, now())", [workspace, key, json.dumps(value, default=str)])

@@ -43,6 +43,23 @@ MIGRATIONS: list[tuple[int, str, str]] = [
     CREATE TABLE sync_state (key VARCHAR PRIMARY KEY, value JSON, updated_at TIMESTAMPTZ);
     """),
     (2, "schema drift", "ALTER TABLE sync_runs ADD COLUMN new_fields VARCHAR"),
+    # Several workspaces in one warehouse: ``workspace`` is part of every key. Rows that were
+    # there before belong to the single workspace of the time, ``default``.
+    (3, "workspaces", "".join(f"""
+    ALTER TABLE {table} ADD COLUMN workspace VARCHAR DEFAULT 'default';
+    ALTER TABLE {table} ALTER COLUMN workspace DROP DEFAULT;
+    ALTER TABLE {table} ALTER COLUMN workspace SET NOT NULL;""" for table in (
+        "runs", "workflows", "run_nodes", "sync_runs", "rejected_records")) + """
+    CREATE TABLE sync_state_v3 (
+        workspace VARCHAR NOT NULL, key VARCHAR NOT NULL, value JSON, updated_at TIMESTAMPTZ,
+        PRIMARY KEY (workspace, key));
+    INSERT INTO sync_state_v3
+        SELECT CASE WHEN key = 'stuck_after_seconds' THEN '*' ELSE 'default' END,
+               key, value, updated_at
+        FROM sync_state;
+    DROP TABLE sync_state;
+    ALTER TABLE sync_state_v3 RENAME TO sync_state;
+    """),
 ]
 
 

@@ -40,4 +40,5 @@ def apply_views(con) -> list[str]:
 def store_view_settings(con, settings: Settings) -> None:
     """Keep in ``sync_state`` the settings the views read, so analysts' queries follow the
     configuration (``stuck_runs``: ``analytics.stuck_after``)."""
-    ledger.set_state(con, STATE_STUCK_AFTER, settings.analytics.stuck_after.total_seconds())
+    ledger.set_state(con, ledger.ALL_WORKSPACES, STATE_STUCK_AFTER,
+                     settings.analytics.stuck_after.total_seconds())
