@@ -96,24 +96,28 @@ class Warehouse:
         return {i for i, r in self.runs.items() if r["_deleted_at"] is not None}
 
 
-def read_warehouse(db: Path) -> Warehouse:
+def read_warehouse(db: Path, workspace: str | None = None) -> Warehouse:
+    """The warehouse (or one workspace of it) as Python values."""
     wh = Warehouse()
+    where, params = ("WHERE workspace = ?", [workspace]) if workspace else ("", [])
     with open_db(db) as con:
-        for row in rows(con, "SELECT * FROM runs"):
+        for row in rows(con, f"SELECT * FROM runs {where}", params):
             for k in _RUN_JSON:
                 row[k] = _loads(row[k])
             for k in (*_RUN_TS, "_deleted_at"):
                 row[k] = instant(row[k])
             wh.runs[row["id"]] = row
             wh.run_id_counts[row["id"]] += 1
-        for row in rows(con, "SELECT * FROM workflows"):
+        for row in rows(con, f"SELECT * FROM workflows {where}", params):
             row["definition"], row["extra"] = _loads(row["definition"]), _loads(row["extra"])
             for k in _WF_TS:
                 row[k] = instant(row[k])
             wh.workflows.append(row)
-        wh.run_nodes = con.execute("SELECT run_id, position, node_id FROM run_nodes").fetchall()
-        wh.ledger = rows(con, "SELECT * FROM sync_runs ORDER BY sync_id")
-        wh.rejected = rows(con, "SELECT * FROM rejected_records ORDER BY page, item_index")
+        wh.run_nodes = con.execute(f"SELECT run_id, position, node_id FROM run_nodes {where}",
+                                   params).fetchall()
+        wh.ledger = rows(con, f"SELECT * FROM sync_runs {where} ORDER BY sync_id", params)
+        wh.rejected = rows(con, f"SELECT * FROM rejected_records {where} "
+                                "ORDER BY page, item_index", params)
     return wh
 
 
@@ -175,17 +179,17 @@ def _snapshot_of(source) -> dict[str, dict]:
 
 
 def assert_mirror(db: Path, source, *, stale: Iterable[str] = (),
-                  workflows: str | None = "exact") -> Warehouse:
+                  workflows: str | None = "exact", workspace: str | None = None) -> Warehouse:
     """Assert the warehouse is an exact mirror of ``source`` (a Simulator or id -> run dict).
 
     Live runs are exactly the source's runs (plus ``stale``: runs the source lost that the
     warehouse may keep, e.g. deleted terminal runs after an incremental sync), each stored once,
     with every column equal; ``run_nodes`` explodes their node_ids. ``workflows``: "exact" (one
     row per embedded workflow, equal to the latest snapshot), "present" (every embedded workflow
-    has one row) or None.
+    has one row) or None. ``workspace``: compare that workspace's rows only.
     """
     expected = _snapshot_of(source)
-    wh = read_warehouse(db)
+    wh = read_warehouse(db, workspace)
     repeated = {i: n for i, n in wh.run_id_counts.items() if n > 1}
     assert not repeated, f"run ids stored more than once: {list(repeated.items())[:5]}"
     missing = set(expected) - wh.live
