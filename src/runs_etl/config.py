@@ -34,7 +34,7 @@ DEFAULT_CONFIG_FILE = "runs-etl.toml"
 DEFAULT_API_URL = "https://backend.noxus.ai"
 DEFAULT_DUCKDB_PATH = "./runs.duckdb"
 DEFAULT_PAGE_SIZE = 100
-DEFAULT_CONCURRENCY = 8
+DEFAULT_CONCURRENCY = 16  # a ceiling: the client starts at 4 and adapts (engine/concurrency.py)
 # DuckDB 1.4 and newer (CLI, BI drivers, notebooks) read files written in this format.
 DEFAULT_STORAGE_COMPATIBILITY = "v1.4.0"
 DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
