@@ -13,12 +13,15 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
-from .config import Settings, load_settings
 from .errors import EXIT_INTERRUPTED, EXIT_OK, RunsEtlError, one_line
 from .ops.logs import log_failure, setup_logging
 from .ops.signals import signals_interrupt, was_interrupted
+
+if TYPE_CHECKING:  # imported where used: `--help` must not pay for pydantic (start-up time)
+    from .config import Settings
 
 DEMO_RUNS = 20_000
 DEMO_DIR = Path("demo")
@@ -103,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def settings_from_args(args: argparse.Namespace, env=None) -> Settings:
     """Flags > environment > config file > defaults."""
+    from .config import load_settings
+
     overrides = {
         "api": {"url": getattr(args, "api_url", None),
                 "page_size": getattr(args, "page_size", None),

@@ -40,8 +40,8 @@ WORKSPACE_NAME = r"^[a-z0-9][a-z0-9_-]{0,39}$"
 DEFAULT_API_URL = "https://backend.noxus.ai"
 DEFAULT_DUCKDB_PATH = "./runs.duckdb"
 DEFAULT_PAGE_SIZE = 100
-DEFAULT_CONCURRENCY = 8
-DEFAULT_MAX_IN_FLIGHT = 16
+DEFAULT_CONCURRENCY = 16  # a ceiling: the client starts at 4 and adapts (engine/concurrency.py)
+DEFAULT_MAX_IN_FLIGHT = 32  # across workspaces syncing at once
 # DuckDB 1.4 and newer (CLI, BI drivers, notebooks) read files written in this format.
 DEFAULT_STORAGE_COMPATIBILITY = "v1.4.0"
 DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024

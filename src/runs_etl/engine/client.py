@@ -1,7 +1,8 @@
 """HTTP access to the runs API: one request, classified once, retried with backoff and jitter.
 
 ``classify`` is the single place that decides what an HTTP outcome means. ``ApiClient`` holds
-the concurrency limit, so every caller (page walks, single-run refreshes) shares one budget.
+the concurrency limiter (``concurrency.Limiter``: adapts to the server up to ``api.concurrency``),
+so every caller (page walks, single-run refreshes) shares one budget.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from ..errors import (
     RetryableApiError,
     one_line,
 )
+from .concurrency import Limiter
 from .models import EnvelopeError, ParsedPage, Run, parse_page, parse_run
 
 T = TypeVar("T")
@@ -131,12 +133,13 @@ class ApiClient:
 
     http: httpx.AsyncClient
     page_size: int
-    concurrency: int = 8
+    concurrency: int = 8  # the most requests in flight
     max_attempts: int = 6
     backoff_base: float = 0.5
     backoff_max: float = 30.0
     deadline: float | None = None  # seconds for one whole response, redirects included
     max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
+    adaptive: bool = True  # False: always ``concurrency`` in flight (a plain semaphore)
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     jitter: Callable[[], float] = random.random
     stats: RequestStats = field(default_factory=RequestStats)
@@ -144,7 +147,7 @@ class ApiClient:
     shared: asyncio.Semaphore | None = None
 
     def __post_init__(self) -> None:
-        self._slots = asyncio.Semaphore(self.concurrency)
+        self.limiter = Limiter(self.concurrency, adaptive=self.adaptive, sleep=self.sleep)
         self._seq = itertools.count(1)
 
     @classmethod
@@ -228,7 +231,8 @@ class ApiClient:
                                        "page": page, "status": last.status})
                 await self.sleep(wait)
             try:
-                response = await self._send(path, params, url=url, page=page)
+                response = await self._send(path, params, url=url, page=page,
+                                            retry=last is not None)
                 return self._judge(response, parse, url=url, page=page,
                                    missing_ok=missing_ok), response
             except RetryableApiError as e:
@@ -238,17 +242,23 @@ class ApiClient:
                                 page=last.page, request_id=last.request_id,
                                 attempts=self.max_attempts)
 
-    async def _send(self, path: str, params: dict | None, *, url: str,
-                    page: int | None) -> _Response:
+    async def _send(self, path: str, params: dict | None, *, url: str, page: int | None,
+                    retry: bool = False) -> _Response:
         """One attempt on the wire, within the concurrency budget and ``deadline``; transport
         failures, timeouts and undecodable bodies are retryable."""
         try:
-            async with self._slots, self.shared or contextlib.nullcontext():
-                self.stats.requests += 1
-                # The read timeout is per chunk: a server trickling bytes never trips it.
-                async with asyncio.timeout(self.deadline):
-                    response, body = await self._exchange(path, params, url=url, page=page)
-                seq = next(self._seq)
+            ticket = await self.limiter.acquire(waited=retry)
+            try:
+                # Other workspaces' clients share one bound on requests in flight.
+                async with self.shared or contextlib.nullcontext():
+                    self.stats.requests += 1
+                    # The read timeout is per chunk: a server trickling bytes never trips it.
+                    async with asyncio.timeout(self.deadline):
+                        response, body = await self._exchange(path, params, url=url, page=page)
+                    seq = next(self._seq)
+            except BaseException:
+                self.limiter.release(ticket, healthy=False)
+                raise
         except TimeoutError:
             raise RetryableApiError(f"no complete response from {url} within {self.deadline:g}s",
                                     url=url, page=page) from None
@@ -264,8 +274,12 @@ class ApiClient:
         request_id = response.headers.get("x-request-id")
         self.stats.last_request_id = request_id or self.stats.last_request_id
         self.stats.bytes += len(body)
-        return _Response(response.status_code, body, request_id,
-                         parse_retry_after(response.headers.get("retry-after")), seq)
+        retry_after = parse_retry_after(response.headers.get("retry-after"))
+        status = response.status_code
+        self.limiter.release(ticket, overloaded=status in (429, 503) or retry_after is not None,
+                             retry_after=min(retry_after or 0.0, MAX_RETRY_AFTER),
+                             healthy=status < 500)
+        return _Response(status, body, request_id, retry_after, seq)
 
     async def _exchange(self, path: str, params: dict | None, *, url: str,
                         page: int | None) -> tuple[httpx.Response, bytes]:

@@ -42,6 +42,10 @@ class Faults:
 
     `rate_bad_record` serves one record of a list page malformed (no "id", or "created_at": "not a
     date") in a valid 200 envelope, so a client must reject just that record; the run is unharmed.
+
+    `rate_limit` is a token bucket of that many requests per second (holding one second's worth):
+    a request finding it empty gets 429 with `Retry-After` = the seconds until the next token, as
+    a decimal (e.g. `0.013`; servers that round up to whole seconds only make clients wait longer).
     """
 
     rate_429: float = 0.0
@@ -51,6 +55,7 @@ class Faults:
     rate_bad_envelope: float = 0.0  # 200 with valid JSON that is not a page
     rate_bad_record: float = 0.0  # list page with one malformed record (none if the page is empty)
     latency: float = 0.0  # seconds added to each request
+    rate_limit: float = 0.0  # requests per second before 429s (0: unlimited)
     only_list: bool = True  # when True, GET /v1/runs/{id} is never faulted
 
 
@@ -69,6 +74,9 @@ class Simulator:
         self.host, self.port, self.auth_status = host, port, auth_status
         self.base_url = ""
         self.request_count = self.list_request_count = self.single_request_count = 0
+        self.throttled_count = 0  # 429s sent by the rate limit
+        self._tokens: float | None = None  # the rate limit's bucket (None: full)
+        self._refilled = 0.0
         self.bytes_sent = 0
         self._lock = threading.Lock()  # guards all state and counters below
         self._hooks: list = []
@@ -236,6 +244,12 @@ class Simulator:
     def _serve(self, kind: str, run_id: str, page: int, size: int, faulty: bool,
                headers: list) -> tuple[int, bytes, str]:
         """Status, body and content type of an admitted request; called under the lock."""
+        if faulty and self.faults.rate_limit > 0:
+            wait = self._take_token(self.faults.rate_limit)
+            if wait is not None:
+                self.throttled_count += 1
+                headers.append(f"retry-after: {wait:.3f}")
+                return 429, b'{"detail":"Too Many Requests"}', _JSON
         fault = self._pick_fault(kind) if faulty else None
         if fault == "429":
             if self.faults.retry_after is not None:
@@ -256,6 +270,18 @@ class Simulator:
         else:
             return 404, b'{"detail":"Run not found"}', _JSON
         return 200, body[: len(body) // 2] if fault == "truncated" else body, _JSON
+
+    def _take_token(self, rate: float) -> float | None:
+        """Take a token from the rate limit's bucket: None, or the seconds until one is free."""
+        now = time.monotonic()
+        tokens = rate if self._tokens is None else min(
+            rate, self._tokens + (now - self._refilled) * rate)
+        self._refilled = now
+        if tokens >= 1:
+            self._tokens = tokens - 1
+            return None
+        self._tokens = tokens
+        return (1 - tokens) / rate
 
     def _pick_fault(self, kind: str) -> str | None:
         f, rnd = self.faults, self._frng.random
@@ -377,13 +403,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--days", type=int, default=60)
     p.add_argument("--null-totals", action="store_true")
     p.add_argument("--latency", type=float, default=0.0, help="seconds added to each request")
+    p.add_argument("--rate-limit", type=float, default=0.0, metavar="N",
+                   help="answer 429 + Retry-After beyond N requests per second (token bucket)")
     p.add_argument("--rate-429", type=float, default=0.0, help="share of requests answered 429")
     p.add_argument("--rate-500", type=float, default=0.0, help="share answered 500/502/503")
     p.add_argument("--rate-bad-record", type=float, default=0.0, help="share of list pages with "
                    "one malformed record (no id, or created_at not a date) in a valid envelope")
     a = p.parse_args(argv)
-    faults = Faults(latency=a.latency, rate_429=a.rate_429, rate_500=a.rate_500,
-                    rate_bad_record=a.rate_bad_record)
+    faults = Faults(latency=a.latency, rate_limit=a.rate_limit, rate_429=a.rate_429,
+                    rate_500=a.rate_500, rate_bad_record=a.rate_bad_record)
     sim = Simulator(a.runs, seed=a.seed, api_key=a.api_key, order=a.order, now=a.now,
                     null_totals=a.null_totals, days=a.days, faults=faults, host=a.host, port=a.port)
     stop = threading.Event()
