@@ -1,11 +1,13 @@
 -- run_facts: one row per live run (soft-deleted runs excluded), joined to its workflow, with the
 -- duration of terminal runs and UTC grouping keys. Every other run view builds on this one.
+-- Every view starts with workspace: the same run or workflow id in two workspaces is two rows.
 -- timezone('UTC', ts) turns a TIMESTAMPTZ into a UTC wall-clock TIMESTAMP, so dates and hours are
 -- UTC whatever the TimeZone setting of the session reading the view.
 -- The terminal statuses are filled in from runs_etl.engine.models.TERMINAL_STATUSES when the
 -- view is applied (runs_etl.warehouse.views).
 CREATE OR REPLACE VIEW run_facts AS
 SELECT
+    r.workspace,
     r.id                                                        AS run_id,
     r.group_id,
     r.workflow_id,
@@ -24,5 +26,5 @@ SELECT
     date_trunc('hour', timezone('UTC', r.created_at))           AS created_hour,
     CAST(hour(timezone('UTC', r.created_at)) AS INTEGER)        AS created_hour_of_day
 FROM runs AS r
-LEFT JOIN workflows AS w ON w.id = r.workflow_id
+LEFT JOIN workflows AS w ON w.workspace = r.workspace AND w.id = r.workflow_id
 WHERE r._deleted_at IS NULL;

@@ -1,5 +1,5 @@
--- status_daily: live runs per UTC creation day and current status.
+-- status_daily: live runs per workspace, UTC creation day and current status.
 CREATE OR REPLACE VIEW status_daily AS
-SELECT created_date, status, count(*) AS runs
+SELECT workspace, created_date, status, count(*) AS runs
 FROM run_facts
-GROUP BY created_date, status;
+GROUP BY workspace, created_date, status;

@@ -1,8 +1,9 @@
--- workflow_duration_stats: one row per workflow id seen in live runs. Counts cover every live run;
+-- workflow_duration_stats: one row per workspace and workflow id seen in live runs. Counts cover every live run;
 -- durations and the failure rate cover finished (terminal) runs only. Percentiles interpolate
 -- linearly between the two nearest durations (quantile_cont).
 CREATE OR REPLACE VIEW workflow_duration_stats AS
 SELECT
+    workspace,
     workflow_id,
     workflow_name,
     workflow_type,
@@ -22,4 +23,4 @@ SELECT
     avg(duration_seconds)                            AS mean_seconds,
     max(created_at)                                  AS last_run_at
 FROM run_facts
-GROUP BY workflow_id, workflow_name, workflow_type;
+GROUP BY workspace, workflow_id, workflow_name, workflow_type;

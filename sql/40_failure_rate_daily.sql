@@ -1,7 +1,8 @@
--- failure_rate_daily: finished (terminal) live runs per UTC creation day and workflow type
+-- failure_rate_daily: finished (terminal) live runs per workspace, UTC creation day and workflow type
 -- (NULL type = run whose workflow is unknown), with the share that failed.
 CREATE OR REPLACE VIEW failure_rate_daily AS
 SELECT
+    workspace,
     created_date,
     workflow_type,
     count(*)                                      AS finished,
@@ -11,4 +12,4 @@ SELECT
     CAST(count(*) FILTER (WHERE status = 'failed') AS DOUBLE) / count(*) AS failure_rate
 FROM run_facts
 WHERE is_terminal
-GROUP BY created_date, workflow_type;
+GROUP BY workspace, created_date, workflow_type;

@@ -6,6 +6,7 @@ import json
 import os
 import threading
 import time
+from datetime import UTC
 from pathlib import Path
 
 import duckdb
@@ -13,7 +14,7 @@ import pandas as pd
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
-from helpers import settings_for
+from helpers import RUNS, SYNCS, insert_fixture, settings_for
 
 from runs_etl import warehouse
 from runs_etl.cli import main
@@ -94,6 +95,7 @@ def test_duckdb_pyarrow_and_pandas_read_back_exactly_the_live_warehouse(synced):
     assert table.to_pylist() == expected.to_pylist()
     # pandas
     frame = pd.read_parquet(cur / "runs").drop(columns=["year", "month"])
+    frame["workspace"] = frame["workspace"].astype(str)  # a Hive partition key is categorical
     frame = frame.sort_values("id").reset_index(drop=True)[expected.column_names]
     pd.testing.assert_frame_equal(frame, expected.to_pandas(), check_dtype=False)
     con.close()
@@ -224,7 +226,7 @@ def test_a_reader_that_resolved_current_before_a_switch_reads_all_its_files_one_
     export_parquet(settings)  # the switch away from the reader's version
     export_parquet(settings)  # and one more
     con = duckdb.connect()
-    files = ", ".join(f"'{f}'" for f in listed if f.parent.parent.parent.name == "runs")
+    files = ", ".join(f"'{f}'" for f in listed if "runs" in f.relative_to(pinned).parts[:1])
     assert con.execute(f"SELECT count(*) FROM read_parquet([{files}])").fetchone() == (N_RUNS,)
     assert all(f.is_file() for f in listed)
     assert len(read_runs_ids(pinned)) == N_RUNS
@@ -413,5 +415,63 @@ def test_an_empty_warehouse_exports_views_that_read_as_empty(tmp_path):
     assert result.rows["runs"] == 0
     con = duckdb.connect(str(tmp_path / "pq" / "analytics.duckdb"), read_only=True)
     assert [con.execute(f"SELECT count(*) FROM {v}").fetchone()[0] for v in VIEWS] == \
-        [0] * (len(VIEWS) - 1) + [1]  # sync_health: always one row
+        [0] * len(VIEWS)  # sync_health: one row per workspace that has syncs, none yet
+    assert con.execute("SELECT * FROM runs").fetchall() == []
+    assert con.sql("SELECT * FROM runs").columns[-2:] == ["workspace", "_deleted_at"]
+    con.close()
+
+
+@pytest.fixture
+def two_workspaces(tmp_path):
+    """The hand-made runs as workspaces ``a`` and ``b`` (same run ids), views applied."""
+    db = tmp_path / "runs.duckdb"
+    con = warehouse.connect(db)
+    warehouse.migrate(con)
+    insert_fixture(con, workspace="a")
+    insert_fixture(con, workspace="b", sync_offset=len(SYNCS))
+    apply_views(con)
+    con.close()
+    return load_settings(None, {"RUNS_ETL_DUCKDB_PATH": str(db),
+                                "RUNS_ETL_PARQUET_DIR": str(tmp_path / "pq")})
+
+
+def test_runs_are_partitioned_by_workspace_then_utc_month(two_workspaces):
+    result = export_parquet(two_workspaces)
+    runs = result.path / "runs"
+    live = [r for r in RUNS if not r.deleted]
+    months = {(r.created.astimezone(UTC).year, r.created.astimezone(UTC).month) for r in live}
+    expected = {f"workspace={w}/year={y}/month={m:02d}" for w in "ab" for y, m in months}
+    assert {str(f.parent.relative_to(runs)) for f in runs.rglob("*.parquet")} == expected
+    for w in "ab":
+        ids = ds.dataset(runs / f"workspace={w}", format="parquet", partitioning="hive") \
+            .to_table(columns=["id"]).column("id").to_pylist()
+        assert sorted(ids) == sorted(r.id for r in live)
+    table = ds.dataset(runs, format="parquet", partitioning="hive").to_table()
+    assert sorted(set(table.column("workspace").to_pylist())) == ["a", "b"]
+
+
+def test_other_tables_carry_the_workspace_column(two_workspaces):
+    result = export_parquet(two_workspaces)
+    con = duckdb.connect()
+    for name in ("workflows", "run_nodes", "sync_runs", *VIEWS):
+        got = dict(con.execute(f"SELECT workspace, count(*) FROM "
+                               f"read_parquet('{result.path / name}/*.parquet') GROUP BY 1"
+                               ).fetchall())
+        assert set(got) == {"a", "b"} and got["a"] == got["b"], name
+        if name == "run_nodes":  # the nodes of each workspace's live runs, once
+            assert got["a"] == sum(len(r.nodes) for r in RUNS if not r.deleted)
+    con.close()
+
+
+def test_analytics_duckdb_views_are_per_workspace_like_the_warehouse(two_workspaces):
+    export_parquet(two_workspaces)
+    con = duckdb.connect(str(Path(two_workspaces.export.parquet_dir) / "analytics.duckdb"),
+                         read_only=True)
+    con.execute(f"ATTACH '{two_workspaces.warehouse.duckdb_path}' AS wh (READ_ONLY)")
+    assert set(con.sql("SELECT * FROM runs").columns) == \
+        set(con.sql("SELECT * FROM wh.runs").columns) - {"_sync_id"}
+    for view in VIEWS:
+        assert same_rows(con, f"SELECT * FROM main.{view}", f"SELECT * FROM wh.main.{view}"), view
+    assert con.execute("SELECT workspace, count(*) FROM run_facts GROUP BY 1 ORDER BY 1"
+                       ).fetchall() == [("a", len(RUNS) - 1), ("b", len(RUNS) - 1)]
     con.close()

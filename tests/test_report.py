@@ -11,7 +11,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-from helpers import LIVE, TERMINAL, handmade_warehouse, settings_for_db
+from helpers import LIVE, SYNCS, TERMINAL, handmade_warehouse, insert_fixture, settings_for_db
 
 from runs_etl import warehouse
 from runs_etl.cli import main
@@ -180,3 +180,59 @@ def test_report_renders_in_a_headless_browser_when_one_is_installed(db, tmp_path
     assert set(CHARTS) <= rendered.ids
     assert set(rendered.svg_titles) == set(CHARTS)
     assert "Noxus runs report" in done.stdout
+
+
+# --- several workspaces ------------------------------------------------------------------------
+
+@pytest.fixture
+def two_workspaces(tmp_path) -> Path:
+    """The hand-made runs as workspaces ``a`` and ``b`` (same ids); ``b`` has 2 more failures."""
+    db = tmp_path / "runs.duckdb"
+    con = warehouse.connect(db)
+    warehouse.migrate(con)
+    insert_fixture(con, workspace="a")
+    insert_fixture(con, workspace="b", sync_offset=len(SYNCS))
+    for sid in (9, 10):
+        con.execute("INSERT INTO sync_runs (workspace, sync_id, started_at, outcome, error) "
+                    "VALUES ('b', ?, now(), 'failed', 'HTTP 401')", [sid])
+    warehouse.apply_views(con)
+    con.close()
+    return db
+
+
+def sections(html: str) -> dict[str, str]:
+    return dict(re.findall(r'<section class="ws" id="ws-([^"]+)">(.*?)</section>', html, re.S))
+
+
+def test_a_single_workspace_report_has_no_workspace_sections(db):
+    html = write_report(settings_for_db(db)).read_text(encoding="utf-8")
+    assert "<section" not in html and 'id="workspaces"' not in html
+
+
+def test_several_workspaces_get_all_together_then_a_section_each_without_script(two_workspaces):
+    html = write_report(settings_for_db(two_workspaces)).read_text(encoding="utf-8")
+    page = Page(html)
+    assert "script" not in page.tags
+    ids = re.findall(r'\bid="([^"]+)"', html)
+    assert len(ids) == len(set(ids)), "an id repeats across sections"
+    assert list(sections(html)) == ["all", "a", "b"]
+    for key in ("all", "a", "b"):
+        assert {f"ws-{key}-{c}" for c in CHARTS} <= page.ids
+    labelled = re.findall(r'aria-labelledby="([^"]+)"', html)
+    assert labelled and set(labelled) <= page.ids
+    # the overview table links to each section, and only inside the page
+    assert page.urls == ["#ws-all", "#ws-a", "#ws-b"]
+
+
+def test_each_workspace_section_shows_that_workspaces_numbers(two_workspaces):
+    html = write_report(settings_for_db(two_workspaces)).read_text(encoding="utf-8")
+    overview = {label: cells for label, cells in re.findall(
+        r'<tr><td><a href="#ws-[^"]+">([^<]+)</a></td>(.*?)</tr>', html)}
+    live = lambda label: re.findall(r"<td class=n>([^<]*)</td>", overview[label])[0]  # noqa: E731
+    assert (live("a"), live("b"), live("all workspaces")) == (
+        str(len(LIVE)), str(len(LIVE)), str(2 * len(LIVE)))
+    parts = sections(html)
+    assert "1 failed since the last success" in parts["a"]
+    assert "3 failed since the last success" in parts["b"]
+    assert parts["all"].count("<td>b / Invoice extraction</td>") == 1  # rows name workspaces
+    assert "HTTP 401" in parts["b"] and "HTTP 401" not in parts["a"]

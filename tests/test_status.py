@@ -10,11 +10,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from helpers import LIVE, RUNS, SYNCS, handmade_warehouse, settings_for_db
+from helpers import LIVE, RUNS, SYNCS, handmade_warehouse, insert_fixture, settings_for_db
 from rich.console import Console
 
 from runs_etl import warehouse
 from runs_etl.cli import main
+from runs_etl.config import load_settings
 from runs_etl.errors import WarehouseError
 from runs_etl.ops.lock import note_progress, writer_lock
 from runs_etl.outputs.status import (
@@ -237,3 +238,59 @@ def test_new_api_fields_a_sync_saw_are_shown(db):
     con.close()
     assert "New API fields seen by sync #3: meta, cost" in status_text(db)
     assert [s["new_fields"] for s in status_json_of(db)["last_syncs"]].count("meta, cost") == 1
+
+
+@pytest.fixture
+def two_workspaces(tmp_path) -> Path:
+    """The hand-made syncs as workspace ``prod`` (#1-#4) and ``staging`` (#5-#8), then two
+    failed attempts of ``staging`` (#9, #10) after a newer success (#8 is abandoned)."""
+    db = tmp_path / "runs.duckdb"
+    con = warehouse.connect(db)
+    warehouse.migrate(con)
+    insert_fixture(con, workspace="prod")
+    insert_fixture(con, workspace="staging", sync_offset=len(SYNCS))
+    con.execute("UPDATE sync_runs SET finished_at = finished_at - INTERVAL 2 HOUR "
+                "WHERE workspace = 'staging' AND sync_id = 7")
+    for sid in (9, 10):
+        con.execute("INSERT INTO sync_runs (workspace, sync_id, started_at, outcome, error) "
+                    "VALUES ('staging', ?, now(), 'failed', 'HTTP 401')", [sid])
+    con.close()
+    return db
+
+
+def test_status_json_has_freshness_per_workspace_and_the_stalest_on_top(two_workspaces):
+    status = json.loads(status_text(two_workspaces, as_json=True))
+    ws = status["workspaces"]
+    assert set(ws) == {"prod", "staging"}
+    assert ws["prod"]["freshness"]["last_success_sync_id"] == 3
+    assert ws["prod"]["failures_since_success"] == 1
+    assert ws["staging"]["freshness"]["last_success_sync_id"] == 7
+    assert ws["staging"]["failures_since_success"] == 3
+    assert ws["staging"]["freshness"]["age_seconds"] > ws["prod"]["freshness"]["age_seconds"] \
+        + 7000
+    # one-workspace checks keep working and alert on the worst workspace
+    assert status["freshness"] == ws["staging"]["freshness"]
+    assert status["failures_since_success"] == 3
+    assert {s["workspace"] for s in status["last_syncs"]} == {"prod", "staging"}
+
+
+def test_status_text_has_a_freshness_line_per_workspace(two_workspaces):
+    text = status_text(two_workspaces)
+    lines = {line.split(":")[0].strip(): line for line in text.splitlines()
+             if line.startswith("  ")}
+    assert "#3" in lines["prod"] and "1 failed attempt(s) since" in lines["prod"]
+    assert "#7" in lines["staging"] and "3 failed attempt(s) since" in lines["staging"]
+    assert re.search(r"\(2\.\d h ago\)", lines["staging"])
+
+
+def test_a_configured_workspace_without_syncs_is_listed_as_never(two_workspaces, tmp_path):
+    config = tmp_path / "runs-etl.toml"
+    config.write_text('[[workspaces]]\nname = "qa"\nkey_env = "KEY_QA"\n')
+    settings = load_settings(config, {"RUNS_ETL_DUCKDB_PATH": str(two_workspaces),
+                                      "KEY_QA": "k"})
+    status = collect_status(settings)
+    assert status["workspaces"]["qa"]["freshness"]["last_success_sync_id"] is None
+    assert status["freshness"]["last_success_sync_id"] is None  # never synced is the stalest
+    out = io.StringIO()
+    render_status(Console(file=out, width=120), status, DEFAULT_LIMIT)
+    assert "qa: no successful sync yet." in out.getvalue()

@@ -1,4 +1,7 @@
-"""The SQL views in ``sql/`` give the numbers a person would compute by hand from the runs."""
+"""The SQL views in ``sql/`` give the numbers a person would compute by hand from the runs.
+
+The hand-made runs are stored twice, as workspaces ``a`` and ``b`` with the same run and
+workflow ids: each workspace's rows of every view must be what that workspace alone gives."""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ from collections import Counter, defaultdict
 from datetime import UTC, date, datetime, timedelta
 
 import pytest
-from helpers import LIVE, SYNCS, TERMINAL, WORKFLOWS, T, handmade_warehouse, rows
+from helpers import LIVE, SYNCS, TERMINAL, WORKFLOWS, T, handmade_warehouse, insert_fixture, rows
 
 from runs_etl import warehouse
 from runs_etl.config import load_settings
@@ -31,19 +34,40 @@ def quantile(xs: list[float], q: float) -> float:
     return xs[lo] + (h - lo) * (xs[min(lo + 1, len(xs) - 1)] - xs[lo])
 
 
+WORKSPACES = {"a": 0, "b": len(SYNCS)}  # workspace -> offset of its sync ids
+
+
 @pytest.fixture
 def con(tmp_path):
-    con = warehouse.connect(handmade_warehouse(tmp_path / "runs.duckdb"))
+    """The hand-made fixture in two workspaces with overlapping run ids."""
+    con = warehouse.connect(tmp_path / "runs.duckdb")
+    warehouse.migrate(con)
+    for name, offset in WORKSPACES.items():
+        insert_fixture(con, workspace=name, sync_offset=offset)
+    warehouse.apply_views(con)
     yield con
     con.close()
 
 
-def at_now(con, sql: str) -> tuple[datetime, list[dict]]:
+@pytest.fixture(params=sorted(WORKSPACES))
+def ws(request) -> str:
+    """Each workspace in turn: its rows must equal the single-workspace expectations."""
+    return request.param
+
+
+def of(con, view: str, ws: str, columns: str = "*") -> list[dict]:
+    """``view``'s rows of workspace ``ws``, without the workspace column."""
+    got = rows(con, f"SELECT {columns} FROM {view} WHERE workspace = ?", [ws])
+    assert all(r.pop("workspace", ws) == ws for r in got)
+    return got
+
+
+def at_now(con, sql: str, params=None) -> tuple[datetime, list[dict]]:
     """Rows of ``sql`` and the now() they were computed with (one transaction, one now())."""
     con.begin()
     try:
         (now,) = con.execute("SELECT now()").fetchone()
-        return now, rows(con, sql)
+        return now, rows(con, sql, params)
     finally:
         con.commit()
 
@@ -60,13 +84,33 @@ def test_every_sql_file_builds_on_an_empty_warehouse_and_can_be_reapplied(tmp_pa
     names = {n for (n,) in con.execute(
         "SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()}
     assert names == VIEWS
-    for name in names:
-        expected = 1 if name == "sync_health" else 0
-        assert len(con.execute(f"SELECT * FROM {name}").fetchall()) == expected, name
+    for name in names:  # sync_health: one row per workspace that has syncs, so none yet
+        assert con.execute(f"SELECT * FROM {name}").fetchall() == [], name
 
 
-def test_run_facts_has_one_row_per_live_run_with_workflow_and_duration(con):
-    got = {r["run_id"]: r for r in rows(con, "SELECT * FROM run_facts")}
+def test_every_view_starts_with_the_workspace_column(con):
+    for name in VIEWS:
+        cur = con.execute(f"SELECT * FROM {name} LIMIT 0")
+        assert cur.description[0][0] == "workspace", name
+        got = {w for (w,) in con.execute(f"SELECT DISTINCT workspace FROM {name}").fetchall()}
+        assert got == set(WORKSPACES), name
+
+
+def test_a_single_workspace_warehouse_reads_as_workspace_default(tmp_path):
+    con = warehouse.connect(handmade_warehouse(tmp_path / "runs.duckdb"))
+    try:
+        assert {w for (w,) in con.execute("SELECT workspace FROM run_facts").fetchall()} == {
+            "default"}
+        (h,) = rows(con, "SELECT * FROM sync_health")
+        assert (h["workspace"], h["last_success_sync_id"]) == ("default", 3)
+    finally:
+        con.close()
+
+
+def test_run_facts_has_one_row_per_live_run_with_workflow_and_duration(con, ws):
+    facts = of(con, "run_facts", ws)
+    got = {r["run_id"]: r for r in facts}
+    assert len(facts) == len(got)  # the workflow join matches within the workspace only
     assert set(got) == {r.id for r in LIVE}
     for r in LIVE:
         f = got[r.id]
@@ -84,19 +128,18 @@ def test_run_facts_has_one_row_per_live_run_with_workflow_and_duration(con):
 
 def test_days_and_hours_are_utc_whatever_the_session_time_zone(con):
     con.execute("SET TimeZone = 'America/New_York'")
-    (day, hour) = con.execute("SELECT created_date, created_hour_of_day FROM run_facts "
-                              "WHERE run_id = 'b2'").fetchone()
-    assert (day, hour) == (date(2024, 3, 2), 4)
+    got = con.execute("SELECT workspace, created_date, created_hour_of_day FROM run_facts "
+                      "WHERE run_id = 'b2' ORDER BY 1").fetchall()
+    assert got == [(w, date(2024, 3, 2), 4) for w in sorted(WORKSPACES)]
 
 
-def test_status_daily_counts_live_runs_per_utc_day_and_status(con):
-    got = {(r["created_date"], r["status"]): r["runs"]
-           for r in rows(con, "SELECT * FROM status_daily")}
+def test_status_daily_counts_live_runs_per_utc_day_and_status(con, ws):
+    got = {(r["created_date"], r["status"]): r["runs"] for r in of(con, "status_daily", ws)}
     assert got == Counter((utc_day(r.created), r.status) for r in LIVE)
 
 
-def test_workflow_duration_stats_match_hand_computed_counts_and_percentiles(con):
-    got = {r["workflow_id"]: r for r in rows(con, "SELECT * FROM workflow_duration_stats")}
+def test_workflow_duration_stats_match_hand_computed_counts_and_percentiles(con, ws):
+    got = {r["workflow_id"]: r for r in of(con, "workflow_duration_stats", ws)}
     by_wf = defaultdict(list)
     for r in LIVE:
         by_wf[r.wf].append(r)
@@ -121,9 +164,8 @@ def test_workflow_duration_stats_match_hand_computed_counts_and_percentiles(con)
     assert got["wf-a"]["p90_seconds"] == pytest.approx(76.2)  # 40.5 + 0.6 * (100 - 40.5)
 
 
-def test_failure_rate_daily_per_day_and_workflow_type(con):
-    got = {(r["created_date"], r["workflow_type"]): r
-           for r in rows(con, "SELECT * FROM failure_rate_daily")}
+def test_failure_rate_daily_per_day_and_workflow_type(con, ws):
+    got = {(r["created_date"], r["workflow_type"]): r for r in of(con, "failure_rate_daily", ws)}
     expected: dict = defaultdict(Counter)
     for r in LIVE:
         if r.status in TERMINAL:
@@ -139,8 +181,8 @@ def test_failure_rate_daily_per_day_and_workflow_type(con):
     assert got[(date(2024, 3, 2), "handler")]["failure_rate"] == 1.0
 
 
-def test_open_runs_lists_non_terminal_runs_with_their_age(con):
-    now, got = at_now(con, "SELECT * FROM open_runs")
+def test_open_runs_lists_non_terminal_runs_with_their_age(con, ws):
+    now, got = at_now(con, "SELECT * FROM open_runs WHERE workspace = ?", [ws])
     expected = {r.id: r for r in LIVE if r.status not in TERMINAL}
     assert {r["run_id"] for r in got} == set(expected) == {"a6", "b4", "b5"}
     for row in got:
@@ -148,24 +190,26 @@ def test_open_runs_lists_non_terminal_runs_with_their_age(con):
         assert row["age_seconds"] == pytest.approx(age, abs=1e-6)
 
 
-def test_stuck_runs_are_open_runs_older_than_24h_by_default(con):
-    got = {r["run_id"]: r for r in rows(con, "SELECT * FROM stuck_runs")}
+def test_stuck_runs_are_open_runs_older_than_24h_by_default(con, ws):
+    got = {r["run_id"]: r for r in of(con, "stuck_runs", ws)}
     assert set(got) == {"a6", "b5"}
     assert {r["stuck_after_seconds"] for r in got.values()} == {86400.0}
 
 
 def test_stuck_runs_follow_analytics_stuck_after_stored_by_the_sync(con):
+    """The setting is global (sync_state workspace '*'): it applies to every workspace."""
+    def stuck() -> set[tuple[str, str]]:
+        return set(con.execute("SELECT workspace, run_id FROM stuck_runs").fetchall())
     settings = load_settings(None, {}, {"analytics": {"stuck_after": "2d"}})
     store_view_settings(con, settings)
-    assert {r for (r,) in con.execute("SELECT run_id FROM stuck_runs").fetchall()} == {"a6"}
+    assert stuck() == {(w, "a6") for w in WORKSPACES}
     settings = load_settings(None, {}, {"analytics": {"stuck_after": "30m"}})
     store_view_settings(con, settings)
-    assert {r for (r,) in con.execute("SELECT run_id FROM stuck_runs").fetchall()} == {
-        "a6", "b4", "b5"}
+    assert stuck() == {(w, r) for w in WORKSPACES for r in ("a6", "b4", "b5")}
 
 
-def test_node_usage_counts_nodes_of_live_runs_only(con):
-    got = {r["node_id"]: r for r in rows(con, "SELECT * FROM node_usage")}
+def test_node_usage_counts_nodes_of_live_runs_only(con, ws):
+    got = {r["node_id"]: r for r in of(con, "node_usage", ws)}
     occurrences = Counter(n for r in LIVE for n in r.nodes)
     runs = Counter(n for r in LIVE for n in set(r.nodes))
     assert "n9" not in got  # only in the deleted run
@@ -176,24 +220,41 @@ def test_node_usage_counts_nodes_of_live_runs_only(con):
     assert got["n3"]["last_seen_at"] == T + timedelta(hours=9)
 
 
-def test_sync_health_reports_last_success_freshness_and_failures(con):
-    now, (h,) = at_now(con, "SELECT * FROM sync_health")
+def test_sync_health_has_one_row_per_workspace_with_syncs_and_failures_stay_local(con):
+    """A failure in b counts against b only; a workspace without syncs has no health row."""
+    con.execute("INSERT INTO sync_runs (workspace, sync_id, started_at, outcome, error) "
+                "VALUES ('b', 100, now(), 'failed', 'HTTP 401')")
+    con.execute("INSERT INTO runs (workspace, id, status, created_at, _first_seen_at, "
+                "_synced_at) VALUES ('c', 'a1', 'running', now(), now(), now())")
+    got = {r["workspace"]: r for r in rows(con, "SELECT * FROM sync_health")}
+    assert set(got) == {"a", "b"}
+    assert (got["a"]["failures_since_success"], got["a"]["last_attempt_outcome"]) == (
+        1, "abandoned")
+    assert (got["b"]["failures_since_success"], got["b"]["last_attempt_error"]) == (
+        2, "HTTP 401")
+    assert (got["a"]["syncs"], got["b"]["syncs"]) == (4, 5)
+
+
+def test_sync_health_reports_last_success_freshness_and_failures(con, ws):
+    now, (h,) = at_now(con, "SELECT * FROM sync_health WHERE workspace = ?", [ws])
+    offset = WORKSPACES[ws]
     last_ok = SYNCS[2]
     finished = last_ok[2] + timedelta(seconds=last_ok[3])
-    assert h["last_success_sync_id"] == 3
+    assert h["last_success_sync_id"] == 3 + offset
     assert h["last_success_at"] == finished
     assert h["freshness_seconds"] == pytest.approx((now - finished).total_seconds(), abs=1e-6)
     assert h["last_success_runs_seen"] == 14
     assert h["last_success_rows_changed"] == 2 + 3 + 1
-    assert (h["last_attempt_sync_id"], h["last_attempt_outcome"]) == (4, "abandoned")
+    assert (h["last_attempt_sync_id"], h["last_attempt_outcome"]) == (4 + offset, "abandoned")
     assert h["last_attempt_error"] == "killed"
     assert (h["syncs"], h["successes"], h["failures"], h["abandoned"]) == (4, 2, 1, 1)
     assert h["failures_since_success"] == 1
     assert h["avg_rows_changed"] == pytest.approx((12 + 6) / 2)
 
 
-def test_sync_history_has_rows_changed_per_attempt(con):
-    got = {r["sync_id"]: r["rows_changed"] for r in rows(con, "SELECT * FROM sync_history")}
+def test_sync_history_has_rows_changed_per_attempt(con, ws):
+    offset = WORKSPACES[ws]
+    got = {r["sync_id"] - offset: r["rows_changed"] for r in of(con, "sync_history", ws)}
     assert got == {1: 12, 2: 0, 3: 6, 4: 0}
 
 

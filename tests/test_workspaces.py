@@ -207,3 +207,12 @@ def test_a_migrated_single_workspace_warehouse_keeps_every_row_and_ledger_entry(
         con.close()
     assert [r["outcome"] for r in ledger(db)] == ["success", "success"]
     assert_mirror(db, sim)
+
+
+def test_workspaces_can_come_from_code_as_a_list():
+    """``load_settings(overrides=...)`` takes [[workspaces]] entries as a list, as TOML does."""
+    s = load_settings(None, {}, {"workspaces": [
+        {"name": "a", "key": "k1", "api_url": "http://127.0.0.1:1"},
+        {"name": "b", "key": "k2", "api_url": "http://127.0.0.1:2"}]})
+    assert s.workspace_names() == ["a", "b"]
+    assert s.for_workspace("b").api_key() == "k2"

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import __version__
-from .errors import EXIT_INTERRUPTED, EXIT_OK, RunsEtlError, one_line
+from .errors import EXIT_INTERRUPTED, EXIT_OK, ConfigError, RunsEtlError, one_line
 from .ops.logs import log_failure, setup_logging
 from .ops.signals import signals_interrupt, was_interrupted
 
@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="sync the built-in simulator into ./demo/runs.duckdb")
     p.add_argument("--runs", type=int, default=DEMO_RUNS, help="simulated runs (default 20000)")
     p.add_argument("--dir", type=Path, default=DEMO_DIR, help="output folder (default ./demo)")
+    p.add_argument("--workspaces", type=int, default=1, metavar="N",
+                   help="simulated workspaces, each with its own key, in one warehouse "
+                        "(default 1)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     g.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -180,7 +183,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     setup_logging("text", "debug" if args.verbose else "warning")
-    return run_demo(runs=args.runs, out_dir=args.dir, quiet=args.quiet)
+    if args.workspaces < 1:
+        raise ConfigError(["--workspaces must be at least 1"])
+    return run_demo(runs=args.runs, out_dir=args.dir, quiet=args.quiet,
+                    workspaces=args.workspaces)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -402,9 +402,12 @@ def load_settings(
             origins[(section, key)] = shown
     data = _deep_merge(data, from_env)
     if overrides:
-        flags = {s: {k: v for k, v in d.items() if v is not None} for s, d in overrides.items()}
+        # Sections are mappings of flag values (None: not given); ``workspaces`` is a list.
+        flags = {s: {k: v for k, v in d.items() if v is not None} if isinstance(d, Mapping)
+                 else d for s, d in overrides.items()}
         data = _deep_merge(data, flags)
-        origins.update({(s, k): "the command line" for s, d in flags.items() for k in d})
+        origins.update({(s, k): "the command line" for s, d in flags.items()
+                        if isinstance(d, Mapping) for k in d})
     problems = _cross_problems(data, origins)
     try:
         settings = Settings.model_validate(data)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 
-from .config import load_settings
+import duckdb
+
+from .config import Settings, load_settings
 from .engine.sync import summary_line
-from .jobs import run_sync
+from .jobs import run_sync, run_syncs
 from .outputs.report import write_report
 from .sim import Simulator
 from .warehouse.publish import remove_warehouse
@@ -26,9 +30,12 @@ QUERIES = [
 ]
 
 
-def run_demo(*, runs: int, out_dir: Path, quiet: bool = False) -> int:
+def run_demo(*, runs: int, out_dir: Path, quiet: bool = False, workspaces: int = 1) -> int:
     """Serve ``runs`` simulated runs on loopback, sync them, let the source move, sync again
-    (incrementally), then export Parquet, write the report and say what to try."""
+    (incrementally), then export Parquet, write the report and say what to try. With several
+    ``workspaces``, each is its own simulator (own key and data), synced into one warehouse."""
+    if workspaces > 1:
+        return run_demo_workspaces(runs=runs, out_dir=Path(out_dir), quiet=quiet, n=workspaces)
     out_dir = Path(out_dir)
     db = out_dir / "runs.duckdb"
     remove_warehouse(db)  # each demo starts from scratch
@@ -61,3 +68,56 @@ def run_demo(*, runs: int, out_dir: Path, quiet: bool = False) -> int:
     for title, sql in QUERIES:
         print(f"\n  -- {title}\n  {sql}")
     return 0
+
+
+def _workspace_settings(sims: dict, db: Path, parquet: Path, tmp: Path) -> Settings:
+    """``[[workspaces]]`` settings for the simulators, through a config file as a user would
+    write one (keys from environment variables, never in the file)."""
+    config = tmp / "runs-etl.toml"
+    config.write_text("".join(
+        f'[[workspaces]]\nname = "{name}"\napi_url = "{sim.base_url}"\n'
+        f'key_env = "RUNS_ETL_DEMO_KEY_{i}"\n\n' for i, (name, sim) in enumerate(sims.items())),
+        encoding="utf-8")
+    env = {f"RUNS_ETL_DEMO_KEY_{i}": sim.api_key for i, sim in enumerate(sims.values())}
+    return load_settings(config, env, {"warehouse": {"duckdb_path": db},
+                                       "export": {"parquet_dir": parquet}})
+
+
+def run_demo_workspaces(*, runs: int, out_dir: Path, quiet: bool, n: int) -> int:
+    """``n`` simulated workspaces (own key, own seed, overlapping run ids are possible) synced
+    by one ``run_syncs`` into one warehouse, then compared side by side."""
+    db = out_dir / "runs.duckdb"
+    remove_warehouse(db)
+    with ExitStack() as stack:
+        sims = {f"ws{i + 1}": stack.enter_context(
+            Simulator(runs, seed=DEMO_SEED + i, api_key=f"demo-key-ws{i + 1}")) for i in range(n)}
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        settings = _workspace_settings(sims, db, out_dir / "parquet", tmp)
+        print(f"{n} simulators serving {runs:,} runs each, one key each (no account, no "
+              "network):")
+        for name, sim in sims.items():
+            print(f"  {name}: {sim.base_url}")
+        print()
+        for outcome in run_syncs(settings, quiet=quiet):
+            print(f"{outcome.workspace}: {summary_line(outcome.result)}")
+        for sim in sims.values():  # each source moves on its own
+            sim.add_runs(max(1, runs // 200))
+            sim.transition(max(1, runs // 400))
+        for outcome in run_syncs(settings, quiet=quiet):
+            print(f"{outcome.workspace}: {summary_line(outcome.result)}")
+    report = write_report(settings)
+    db = db.resolve()
+    print("\nSide by side:")
+    with duckdb.connect(str(db), read_only=True) as con:
+        print(con.sql(SIDE_BY_SIDE))
+    print(f"  warehouse: {db}")
+    print(f"  parquet:   {(out_dir / 'parquet' / 'current').absolute()} (runs/workspace=<name>/)")
+    print(f"  report:    {report.resolve()} (all workspaces, then one section each)")
+    print(f"\nTry in `duckdb -readonly {db}`:\n  {SIDE_BY_SIDE}")
+    return 0
+
+
+SIDE_BY_SIDE = ("SELECT workspace, count(*) AS runs, "
+                "count(*) FILTER (status = 'failed') AS failed, "
+                "round(avg(duration_seconds), 1) AS avg_seconds, max(created_at) AS newest "
+                "FROM run_facts GROUP BY workspace ORDER BY workspace;")

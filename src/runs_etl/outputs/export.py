@@ -3,15 +3,17 @@
 Layout under ``export.parquet_dir`` (point BI tools at ``<root>/current/<table>/``)::
 
     current -> versions/<version>          relative symlink, replaced in one rename
-    versions/<version>/runs/year=YYYY/month=MM/part-<version>-<i>.parquet
+    versions/<version>/runs/workspace=<name>/year=YYYY/month=MM/part-<version>-<i>.parquet
     versions/<version>/<table>/part-<version>.parquet   workflows, run_nodes, sync_runs,
                                            sync_state and every view of ``sql/``, materialized
     versions/<version>/_manifest.json      rows and files per table, last sync id
     analytics.duckdb, analytics.sql        views named like the warehouse's, over ``current``
 
 ``runs`` holds live runs only (soft-deleted runs are left out), one row per run in its latest
-state, Hive-partitioned by the UTC month of ``created_at``; ``run_nodes`` follows the same runs;
-``workflows`` holds every workflow (soft-deleted ones keep their ``deleted_at``). JSON columns
+state, Hive-partitioned by workspace and the UTC month of ``created_at`` (the ``workspace``
+column lives in the folder names, as Hive readers expect); ``run_nodes`` follows the same runs;
+``workflows`` holds every workflow (soft-deleted ones keep their ``deleted_at``); every other
+table and view carries ``workspace`` as a column. JSON columns
 are written as strings, timestamps as UTC instants, zstd-compressed.
 
 A version is written under ``.staging-<version>/``, renamed into ``versions/`` and only then
@@ -66,6 +68,8 @@ KEEP_VERSIONS = 3
 DROP_COLUMNS = {"runs": {"_deleted_at", "_sync_id"}, "workflows": {"_sync_id"}, "run_nodes": set(),
                 "sync_runs": set(), "sync_state": set()}
 CORE_TABLES = ("runs", "workflows", "run_nodes")
+# runs/workspace=<name>/year=YYYY/month=MM/: one workspace's month is one folder.
+RUNS_PARTITIONS = "(workspace, year, month)"
 LEDGER_TABLES = ("sync_runs", "sync_state")
 VIEW_NAME = re.compile(r"^\s*CREATE\s+OR\s+REPLACE\s+VIEW\s+(\w+)", re.IGNORECASE | re.MULTILINE)
 
@@ -209,7 +213,8 @@ def _write_tables(con, staging: Path, version: str, result: ExportResult) -> dic
                      "FROM runs AS t WHERE t._deleted_at IS NULL"),
             "workflows": f"SELECT {_columns(cur, 'workflows')} FROM workflows AS t",
             "run_nodes": (f"SELECT {_columns(cur, 'run_nodes')} FROM run_nodes AS t "
-                          "JOIN runs AS r ON r.id = t.run_id AND r._deleted_at IS NULL"),
+                          "JOIN runs AS r ON r.workspace = t.workspace AND r.id = t.run_id "
+                          "AND r._deleted_at IS NULL"),
         }
         for name in LEDGER_TABLES:
             queries[name] = f"SELECT {_columns(cur, name)} FROM {name} AS t"
@@ -220,7 +225,7 @@ def _write_tables(con, staging: Path, version: str, result: ExportResult) -> dic
             folder = staging / name
             folder.mkdir()
             if name == "runs":
-                target = (f"{_sql_path(folder)} ({opts}, PARTITION_BY (year, month), "
+                target = (f"{_sql_path(folder)} ({opts}, PARTITION_BY {RUNS_PARTITIONS}, "
                           f"FILENAME_PATTERN 'part-{version}-{{i}}')")
             else:
                 target = f"{_sql_path(folder / f'part-{version}.parquet')} ({opts})"
@@ -235,7 +240,8 @@ def _write_tables(con, staging: Path, version: str, result: ExportResult) -> dic
             tables[name] = {"rows": rows, "path": name,
                             "kind": "table" if name in DROP_COLUMNS else "view",
                             "files": [str(p.relative_to(staging)) for p in files]}
-        tables["runs"]["partitioning"] = "hive: year=YYYY/month=MM (UTC month of created_at)"
+        tables["runs"]["partitioning"] = ("hive: workspace=<name>/year=YYYY/month=MM (UTC month "
+                                          "of created_at)")
         last_sync = cur.execute("SELECT sync_id, finished_at FROM sync_runs WHERE outcome = "
                                 "'success' ORDER BY sync_id DESC LIMIT 1").fetchone()
         cur.rollback()
@@ -264,9 +270,12 @@ def _table_views(cur: Path) -> list[str]:
     stmts = [
         # Soft-deleted runs are not exported, so ``_deleted_at`` is NULL for every row, and the
         # ``sql/`` views' ``WHERE _deleted_at IS NULL`` reads as it does in the warehouse.
-        "CREATE OR REPLACE VIEW runs AS SELECT *, CAST(NULL AS TIMESTAMPTZ) AS _deleted_at "
+        # ``workspace`` comes from the folder names (always text, even for a name like 2024);
+        # year and month are the layout's, not the warehouse's.
+        "CREATE OR REPLACE VIEW runs AS SELECT * EXCLUDE (year, month), "
+        "CAST(NULL AS TIMESTAMPTZ) AS _deleted_at "
         f"FROM read_parquet({_sql_path(cur / 'runs' / '**' / '*.parquet')}, "
-        "hive_partitioning = false);",
+        "hive_partitioning = true, hive_types_autocast = false);",
     ]
     for name in ("workflows", "run_nodes", *LEDGER_TABLES):
         stmts.append(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM "

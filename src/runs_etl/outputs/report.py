@@ -1,13 +1,16 @@
 """``runs-etl report``: one self-contained HTML file with charts, read through the SQL views.
 
 Everything is inline (CSS, SVG drawn here in Python, tooltips as SVG ``<title>``): no script, no
-font, no CDN, so the file opens offline and can be mailed or attached to a ticket as is.
+font, no CDN, so the file opens offline and can be mailed or attached to a ticket as is. With
+several workspaces the page shows them all together, then a section per workspace, linked from
+a table at the top (plain anchors: still no script).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 from collections import defaultdict
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
@@ -74,29 +77,59 @@ def _dicts(con, sql: str, params=None) -> list[dict]:
     return [dict(zip(names, row)) for row in cur.fetchall()]
 
 
-def collect(con, stuck_after_seconds: float) -> ReportData:
-    """Query the views; a warehouse that has never finished a sync has none: WarehouseError."""
+# sync_health has a row per workspace: together they read as one (the stalest freshness, since
+# that is what needs attention; counts summed). One workspace reads as its own row.
+HEALTH = """SELECT max(last_success_sync_id) AS last_success_sync_id,
+    max(last_success_at) AS last_success_at,
+    CASE WHEN count(*) = count(freshness_seconds) THEN max(freshness_seconds) END
+        AS freshness_seconds,
+    coalesce(sum(syncs), 0) AS syncs, coalesce(sum(successes), 0) AS successes,
+    coalesce(sum(failures), 0) AS failures, coalesce(sum(abandoned), 0) AS abandoned,
+    coalesce(sum(failures_since_success), 0) AS failures_since_success
+    FROM sync_health"""
+
+
+def workspaces(con) -> list[str]:
+    """The workspaces with runs or syncs, by name."""
+    return [w for (w,) in con.execute("SELECT workspace FROM run_facts UNION "
+                                      "SELECT workspace FROM sync_history ORDER BY 1").fetchall()]
+
+
+def collect(con, stuck_after_seconds: float, workspace: str | None = None) -> ReportData:
+    """Query the views (``workspace``'s rows only, if given); a warehouse that has never
+    finished a sync has none: WarehouseError."""
     have = {v for (v,) in con.execute("SELECT view_name FROM duckdb_views()").fetchall()}
     missing = [v for v in REQUIRED_VIEWS if v not in have]
     if missing:
         raise WarehouseError(f"the warehouse has no {', '.join(missing)} view(s) yet: run "
                              "`runs-etl sync` once (every sync creates the views)")
     d = ReportData(generated_at=datetime.now(UTC), stuck_after=stuck_after_seconds)
-    (d.totals,) = _dicts(con, """SELECT count(*) AS runs, count(*) FILTER (is_terminal) AS finished,
-        count(*) FILTER (status = 'failed') AS failed, count(*) FILTER (NOT is_terminal) AS open
-        FROM run_facts""")
-    recent = f"created_date > (SELECT max(created_date) FROM run_facts) - {DAYS_SHOWN}"
-    d.status_daily = _dicts(con, f"SELECT * FROM status_daily WHERE {recent} ORDER BY 1, 2")
-    d.failure_daily = _dicts(con, f"SELECT * FROM failure_rate_daily WHERE {recent} ORDER BY 1")
-    d.workflows = _dicts(con, "SELECT * FROM workflow_duration_stats ORDER BY runs DESC")
+    # ``ws``: the workspace filter of every query (``true``: every workspace).
+    ws, p = ("workspace = ?", [workspace]) if workspace is not None else ("true", [])
+    (d.totals,) = _dicts(con, f"""SELECT count(*) AS runs,
+        count(*) FILTER (is_terminal) AS finished, count(*) FILTER (status = 'failed') AS failed,
+        count(*) FILTER (NOT is_terminal) AS open FROM run_facts WHERE {ws}""", p)
+    recent = (f"{ws} AND created_date > (SELECT max(created_date) FROM run_facts WHERE {ws}) "
+              f"- {DAYS_SHOWN}")
+    by = "workspace, " if workspace is None else ""  # all together: sum the workspaces' rows
+    d.status_daily = _dicts(con, f"SELECT created_date, status, sum(runs) AS runs "
+                                 f"FROM status_daily WHERE {recent} GROUP BY ALL ORDER BY 1, 2",
+                            p + p)
+    d.failure_daily = _dicts(con, f"SELECT * FROM failure_rate_daily WHERE {recent} "
+                                  "ORDER BY created_date", p + p)
+    d.workflows = _dicts(con, f"SELECT * FROM workflow_duration_stats WHERE {ws} "
+                              f"ORDER BY runs DESC, {by}workflow_id", p)
     d.open_by_status = _dicts(con, "SELECT status, count(*) AS runs, max(age_seconds) AS oldest "
-                                   "FROM open_runs GROUP BY status ORDER BY runs DESC")
-    stuck = "FROM open_runs WHERE age_seconds > ?"
-    (d.stuck_count,) = con.execute(f"SELECT count(*) {stuck}", [stuck_after_seconds]).fetchall()[0]
+                                   f"FROM open_runs WHERE {ws} GROUP BY status "
+                                   "ORDER BY runs DESC", p)
+    stuck = f"FROM open_runs WHERE {ws} AND age_seconds > ?"
+    (d.stuck_count,) = con.execute(f"SELECT count(*) {stuck}",
+                                   [*p, stuck_after_seconds]).fetchall()[0]
     d.stuck = _dicts(con, f"SELECT * {stuck} ORDER BY age_seconds DESC LIMIT {STUCK_ROWS}",
-                     [stuck_after_seconds])
-    (d.health,) = _dicts(con, "SELECT * FROM sync_health")
-    d.syncs = _dicts(con, f"SELECT * FROM sync_history ORDER BY sync_id DESC LIMIT {SYNC_ROWS}")
+                     [*p, stuck_after_seconds])
+    (d.health,) = _dicts(con, f"{HEALTH} WHERE {ws}", p)
+    d.syncs = _dicts(con, f"SELECT * FROM sync_history WHERE {ws} "
+                          f"ORDER BY sync_id DESC LIMIT {SYNC_ROWS}", p)
     return d
 
 
@@ -314,6 +347,22 @@ def chart_hbars(chart_id: str, title: str, items: list[tuple[str, float, str]],
 
 def render(d: ReportData, source: str = "") -> str:
     """The whole HTML page as a string."""
+    return "\n".join([*_head(d, source), *_dashboard(d), "</body></html>\n"])
+
+
+def _head(d: ReportData, source: str, css: str = "") -> list[str]:
+    h = d.health
+    return [
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>Noxus runs report</title><style>{CSS}{css}</style></head><body>",
+        "<h1>Noxus runs report</h1>",
+        f'<p class="muted">Generated {_ts(d.generated_at)} from {_e(source)}; data as of sync '
+        f'#{_e(h["last_success_sync_id"])} ({_ts(h["last_success_at"])}). All times UTC.</p>']
+
+
+def _dashboard(d: ReportData) -> list[str]:
+    """Cards, charts and tables of one ``ReportData``: the page of one workspace."""
     t, h, fresh = d.totals, d.health, d.health["freshness_seconds"]
     ago = "never" if fresh is None else f"{human_age(fresh)} ago"
     cards = [("live runs", t["runs"], False), ("open runs", t["open"], False),
@@ -332,13 +381,7 @@ def render(d: ReportData, source: str = "") -> str:
     sync_rows = [[s["sync_id"], _ts(s["started_at"]), s["outcome"], s["mode"], s["runs_seen"],
                   s["rows_changed"], _dur(s["seconds_total"]), (s["error"] or "")[:80]]
                  for s in d.syncs]
-    return "\n".join([
-        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>Noxus runs report</title><style>{CSS}</style></head><body>",
-        "<h1>Noxus runs report</h1>",
-        f'<p class="muted">Generated {_ts(d.generated_at)} from {_e(source)}; data as of sync '
-        f'#{_e(h["last_success_sync_id"])} ({_ts(h["last_success_at"])}). All times UTC.</p>',
+    return [
         '<div class="cards">' + "".join(f'<div class="card{" bad" if bad else ""}"><b>{_e(v)}'
                                         f"</b>{_e(k)}</div>" for k, v, bad in cards) + "</div>",
         '<h2 id="runs-per-day">Runs per day by status</h2>', chart_runs_per_day(d),
@@ -371,7 +414,56 @@ def render(d: ReportData, source: str = "") -> str:
         f'succeeded, {h["failures"]:,} failed, {h["abandoned"]:,} abandoned; '
         f'{h["failures_since_success"]:,} failed since the last success.</p>',
         _table(["#", "started", "outcome", "mode", "runs seen", "rows changed", "took", "error"],
-               sync_rows, {0, 4, 5, 6}),
+               sync_rows, {0, 4, 5, 6})]
+
+
+# --- several workspaces: all together, then a section each ---------------------------------
+
+WS_CSS = "section.ws{margin-top:36px}h2.ws{font-size:20px;border-bottom:2px solid #212121}"
+ID_ATTR = re.compile(r'\b(id|aria-labelledby)="([^"]+)"')
+
+
+def _scoped(html: str, prefix: str) -> str:
+    """``html`` with every id (and reference to one) prefixed: sections repeat the charts."""
+    return ID_ATTR.sub(lambda m: f'{m.group(1)}="{prefix}{m.group(2)}"', html)
+
+
+def _overview(everything: ReportData, per: dict[str, ReportData]) -> str:
+    """The workspaces side by side, each linking to its section."""
+    def row(anchor: str, label: str, d: ReportData) -> str:
+        t, h = d.totals, d.health
+        fresh = h["freshness_seconds"]
+        cells = [t["runs"], t["open"], _pct(t["failed"] / t["finished"] if t["finished"]
+                                            else None), d.stuck_count,
+                 "never" if fresh is None else f"{human_age(fresh)} ago",
+                 h["failures_since_success"]]
+        return (f'<tr><td><a href="#{anchor}">{_e(label)}</a></td>'
+                + "".join(f"<td class=n>{_e(c)}</td>" for c in cells) + "</tr>")
+    head = "".join(f"<th{' class=n' if i else ''}>{h}</th>" for i, h in enumerate(
+        ["workspace", "live runs", "open runs", "failure rate", "stuck",
+         "last successful sync", "failed since"]))
+    rows = [row("ws-all", "all workspaces", everything)] + [
+        row(f"ws-{name}", name, d) for name, d in per.items()]
+    return (f'<table id="workspaces"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}'
+            "</tbody></table>")
+
+
+def render_workspaces(everything: ReportData, per: dict[str, ReportData],
+                      source: str = "") -> str:
+    """The page of several workspaces: an overview table, all of them together, then one
+    section per workspace with the charts and tables of a single-workspace report."""
+    for w in everything.workflows:  # the same workflow id in two workspaces is two rows
+        w["workflow_name"] = f"{w['workspace']} / {_name(w)}"
+    for r in everything.stuck:
+        r["run_id"] = f"{r['workspace']} / {r['run_id']}"
+    sections = [("all", "All workspaces", everything)] + [
+        (name, f"Workspace {name}", d) for name, d in per.items()]
+    return "\n".join([
+        *_head(everything, source, WS_CSS), '<h2 id="overview">Workspaces</h2>',
+        _overview(everything, per),
+        *(f'<section class="ws" id="ws-{key}"><h2 class="ws">{_e(title)}</h2>\n'
+          + _scoped("\n".join(_dashboard(d)), f"ws-{key}-") + "</section>"
+          for key, title, d in sections),
         "</body></html>\n"])
 
 
@@ -381,12 +473,17 @@ def write_report(settings: Settings, out: Path | None = None, con=None) -> Path:
     out = Path(out) if out is not None else db.parent / DEFAULT_NAME
     owned = con is None
     con = open_read_only(settings.warehouse) if owned else con
+    stuck_after = settings.analytics.stuck_after.total_seconds()
     try:
-        data = collect(con, settings.analytics.stuck_after.total_seconds())
+        data = collect(con, stuck_after)
+        names = workspaces(con)
+        per = {name: collect(con, stuck_after, name) for name in names} if len(names) > 1 \
+            else None
     finally:
         if owned:
             con.close()
-    page = render(data, source=str(db))
+    page = render(data, source=str(db)) if per is None else \
+        render_workspaces(data, per, source=str(db))
     tmp = out.with_name(f".{out.name}.tmp")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

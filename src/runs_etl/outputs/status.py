@@ -2,8 +2,11 @@
 
 ``collect_status`` gathers everything once (read-only, through ``open_read_only``); people get
 rich tables that fit 80 columns, monitoring gets the same facts as one JSON object
-(``--json``). Text that comes from the ledger (error messages are written by servers) is shown
-escaped and stripped of control characters, so it can neither break the markup nor the terminal.
+(``--json``). Freshness is per workspace (``workspaces``); the top-level ``freshness`` and
+``failures_since_success`` are the stalest workspace's, so a check written for one workspace
+alerts when any of several falls behind. Text that comes from the ledger (error messages are
+written by servers) is shown escaped and stripped of control characters, so it can neither break
+the markup nor the terminal.
 """
 
 from __future__ import annotations
@@ -32,9 +35,9 @@ ERROR_WIDTH = 70
 ROWS = (("runs_live", "runs (live)"), ("runs_deleted", "runs (deleted at source)"),
         ("runs_open", "runs still open"), ("workflows", "workflows"), ("run_nodes", "run_nodes"),
         ("rejected_records", "rejected_records"), ("sync_runs", "sync_runs"))
-SYNC_COLUMNS = ("sync_id", "started_at", "finished_at", "outcome", "mode", "seconds_total",
-                "pages", "runs_seen", "rows_new", "rows_updated", "rows_deleted", "rows_rejected",
-                "error", "new_fields")
+SYNC_COLUMNS = ("sync_id", "workspace", "started_at", "finished_at", "outcome", "mode",
+                "seconds_total", "pages", "runs_seen", "rows_new", "rows_updated", "rows_deleted",
+                "rows_rejected", "error", "new_fields")
 
 
 def human_age(seconds: float | None) -> str:
@@ -95,7 +98,7 @@ def collect_status(settings: Settings, limit: int = DEFAULT_LIMIT,
         "warehouse": str(path), "now": now, "readable": False, "schema_version": None,
         "freshness": {"last_success_sync_id": None, "last_success_finished_at": None,
                       "age_seconds": None},
-        "failures_since_success": None,
+        "failures_since_success": None, "workspaces": {},
         "running": asdict(holder) if holder is not None else None,
         "unfinished": _unfinished(path) if holder is None else None,
         "rows": None, "last_syncs": [], "skipped_since_success": []}
@@ -111,24 +114,53 @@ def collect_status(settings: Settings, limit: int = DEFAULT_LIMIT,
         status["readable"] = True
         (status["schema_version"],) = con.execute(
             "SELECT max(version) FROM schema_migrations").fetchall()[0]
-        last_ok = con.execute("SELECT sync_id, finished_at FROM sync_runs WHERE outcome = "
-                              "'success' ORDER BY sync_id DESC LIMIT 1").fetchall()
-        if last_ok:
-            sid, finished = last_ok[0]
-            status["freshness"] = {
-                "last_success_sync_id": sid, "last_success_finished_at": finished,
-                "age_seconds": None if finished is None else (now - finished).total_seconds()}
-        (status["failures_since_success"],) = con.execute(
-            "SELECT count(*) FROM sync_runs WHERE outcome IN ('failed', 'abandoned') "
-            "AND sync_id > ?", [last_ok[0][0] if last_ok else 0]).fetchall()[0]
+        configured = [w.name for w in settings.workspaces]
+        status["workspaces"] = workspaces = workspace_freshness(con, configured, now)
+        stalest = min(workspaces.values(), key=_staleness, default=None)
+        if stalest is not None:
+            status["freshness"] = stalest["freshness"]
+        status["failures_since_success"] = max(
+            (w["failures_since_success"] for w in workspaces.values()), default=0)
         status["rows"] = row_counts(con)
-        status["skipped_since_success"] = _skipped_since(path, last_ok[0][1] if last_ok else None)
+        status["skipped_since_success"] = _skipped_since(
+            path, status["freshness"]["last_success_finished_at"])
         rows = con.execute(f"SELECT {', '.join(SYNC_COLUMNS)} FROM sync_runs "
                            "ORDER BY sync_id DESC LIMIT ?", [max(limit, 0)]).fetchall()
         status["last_syncs"] = [dict(zip(SYNC_COLUMNS, r)) for r in rows]
     finally:
         con.close()
     return status
+
+
+def workspace_freshness(con, configured: list[str], now: datetime) -> dict[str, dict]:
+    """Per workspace (those in the ledger and those configured): its last success, how long
+    ago, and the failed or abandoned attempts since."""
+    found = con.execute("""
+        WITH ok AS (SELECT workspace, max(sync_id) AS sync_id FROM sync_runs
+                    WHERE outcome = 'success' GROUP BY workspace)
+        SELECT s.workspace, ok.sync_id,
+               any_value(s.finished_at) FILTER (WHERE s.sync_id = ok.sync_id),
+               count(*) FILTER (WHERE s.outcome IN ('failed', 'abandoned')
+                                AND s.sync_id > coalesce(ok.sync_id, 0))
+        FROM sync_runs AS s LEFT JOIN ok ON ok.workspace = s.workspace
+        GROUP BY s.workspace, ok.sync_id ORDER BY s.workspace""").fetchall()
+    out = {name: {"freshness": {"last_success_sync_id": sid, "last_success_finished_at": fin,
+                                "age_seconds": None if fin is None
+                                else (now - fin).total_seconds()},
+                  "failures_since_success": failures}
+           for name, sid, fin, failures in found}
+    for name in configured:
+        out.setdefault(name, {"freshness": {"last_success_sync_id": None,
+                                            "last_success_finished_at": None,
+                                            "age_seconds": None},
+                              "failures_since_success": 0})
+    return out
+
+
+def _staleness(ws: dict) -> tuple:
+    """Sort key: never succeeded first, then the oldest success."""
+    finished = ws["freshness"]["last_success_finished_at"]
+    return (finished is not None, finished or datetime.min.replace(tzinfo=UTC))
 
 
 def _skipped_since(path: Path, since: datetime | None) -> list[dict]:
@@ -165,16 +197,27 @@ def _running_line(holder: dict[str, Any]) -> str:
             f"since {safe(holder['started_at'])}{safe(pages)}")
 
 
-def _freshness_line(status: dict[str, Any]) -> str:
-    fresh = status["freshness"]
+def _success_line(fresh: dict[str, Any], failures: int | None, label: str) -> str:
     if fresh["last_success_sync_id"] is None:
-        line = "[bold red]No successful sync yet.[/]"
+        line = f"[bold red]{label}: no successful sync yet.[/]" if label else \
+            "[bold red]No successful sync yet.[/]"
     else:
-        line = (f"Last successful sync: [bold]#{fresh['last_success_sync_id']}[/], finished "
-                f"{_utc(fresh['last_success_finished_at'])} UTC "
+        line = (f"{label or 'Last successful sync'}: [bold]#{fresh['last_success_sync_id']}[/], "
+                f"finished {_utc(fresh['last_success_finished_at'])} UTC "
                 f"([bold]{human_age(fresh['age_seconds'])} ago[/])")
-    if status["failures_since_success"]:
-        line += f"  [red]{status['failures_since_success']} failed attempt(s) since.[/]"
+    if failures:
+        line += f"  [red]{failures} failed attempt(s) since.[/]"
+    return line
+
+
+def _freshness_line(status: dict[str, Any]) -> str:
+    workspaces = status["workspaces"]
+    if len(workspaces) > 1:  # a line per workspace; one workspace reads as it always did
+        line = "Last successful sync per workspace:" + "".join(
+            "\n  " + _success_line(w["freshness"], w["failures_since_success"], safe(name))
+            for name, w in workspaces.items())
+    else:
+        line = _success_line(status["freshness"], status["failures_since_success"], "")
     drift = [s for s in status["last_syncs"] if s.get("new_fields")]
     if drift:
         line += (f"\n[yellow]New API fields seen by sync #{drift[0]['sync_id']}: "
