@@ -310,3 +310,36 @@ def test_lake_settings_are_checked_and_secrets_stay_out_of_messages(tmp_path, ma
         lake.optimize_lake(settings)
     assert SECRET not in str(info.value) and "\x1b" not in str(info.value)
     assert lake_status(settings_for(sim, tmp_path / "runs.duckdb")) is None  # no lake set
+
+
+def test_a_run_whose_node_list_shrank_loses_its_extra_positions_in_the_lake(tmp_path):
+    """run_nodes are rewritten with their run: positions beyond the new list are deleted,
+    other runs' nodes are left alone (warehouse in memory, lake in a folder)."""
+    from runs_etl import warehouse
+    from runs_etl.config import load_settings
+
+    con = duckdb.connect(":memory:")
+    con.execute("SET TimeZone = 'UTC'")
+    warehouse.migrate(con)
+
+    def sync(sync_id: int, runs: dict[str, list[str]]) -> None:
+        con.execute("INSERT INTO sync_runs (workspace, sync_id, started_at, outcome) "
+                    "VALUES ('w', ?, now(), 'success')", [sync_id])
+        for run_id, nodes in runs.items():
+            con.execute("DELETE FROM runs WHERE id = ?", [run_id])
+            con.execute("DELETE FROM run_nodes WHERE run_id = ?", [run_id])
+            con.execute("INSERT INTO runs (workspace, id, status, created_at, node_ids, "
+                        "_first_seen_at, _synced_at, _sync_id) VALUES ('w', ?, 'running', "
+                        "TIMESTAMPTZ '2024-05-01', ?, now(), now(), ?)", [run_id, nodes, sync_id])
+            for pos, node in enumerate(nodes):
+                con.execute("INSERT INTO run_nodes VALUES (?, ?, ?, 'w')", [run_id, pos, node])
+
+    settings = load_settings(None, {"RUNS_ETL_LAKE_URI": str(tmp_path / "lake")})
+    sync(1, {"a": ["n1", "n2", "n3"], "b": ["n1", "n2"]})
+    lake.write_lake(settings, con)
+    sync(2, {"a": ["n9"]})
+    result = lake.write_lake(settings, con)
+    assert result.rows["run_nodes"] == 3  # one upsert, two deletes
+    nodes = [(r["run_id"], r["position"], r["node_id"])
+             for r in lake_rows(str(tmp_path / "lake"), "run_nodes")]
+    assert nodes == [("a", 0, "n9"), ("b", 0, "n1"), ("b", 1, "n2")]
