@@ -71,6 +71,15 @@ timezone = "Europe/Lisbon"
 [logging]
 format = "json"
 level = "debug"
+
+[lake]
+uri = "s3://analytics/noxus"
+partition_by_month = false
+vacuum_retention = "30d"
+
+[lake.storage_options]
+AWS_ENDPOINT_URL = "https://minio.example.com"
+AWS_SECRET_ACCESS_KEY = "lake-secret"
 """
 
 
@@ -182,6 +191,11 @@ def test_every_key_of_a_full_toml_parses(tmp_path):
     assert s.schedule.run_at_start is False
     assert s.schedule.timezone == "Europe/Lisbon"
     assert (s.logging.format, s.logging.level) == ("json", "debug")
+    assert (s.lake.uri, s.lake.partition_by_month) == ("s3://analytics/noxus", False)
+    assert s.lake.vacuum_retention == timedelta(days=30)
+    assert s.lake.storage() == {"AWS_ENDPOINT_URL": "https://minio.example.com",
+                                "AWS_SECRET_ACCESS_KEY": "lake-secret"}
+    assert "lake-secret" not in repr(s) and "lake-secret" not in str(s.lake)
 
 
 def test_full_toml_above_covers_every_setting():

@@ -94,6 +94,21 @@ def build_parser() -> argparse.ArgumentParser:
                    "beside the database)")
     p.set_defaults(func=cmd_report)
 
+    p = sub.add_parser("lake", help="Delta lake maintenance: optimize, vacuum, rebuild")
+    lake = p.add_subparsers(dest="lake_command", required=True, metavar="ACTION")
+    q = lake.add_parser("optimize", help="compact the lake's small files (safe beside syncs)")
+    _common(q)
+    q.add_argument("--zorder", action="store_true", help="also cluster runs by created_at")
+    q.set_defaults(func=cmd_lake)
+    q = lake.add_parser("vacuum", help="delete files older than lake.vacuum_retention that "
+                        "no version needs (safe beside syncs)")
+    _common(q)
+    q.add_argument("--dry-run", action="store_true", help="list what would go, delete nothing")
+    q.set_defaults(func=cmd_lake)
+    q = lake.add_parser("rebuild", help="write the lake afresh from the published warehouse")
+    _common(q)
+    q.set_defaults(func=cmd_lake)
+
     p = sub.add_parser("demo", help="sync the built-in simulator into ./demo/runs.duckdb")
     p.add_argument("--runs", type=int, default=DEMO_RUNS, help="simulated runs (default 20000)")
     p.add_argument("--dir", type=Path, default=DEMO_DIR, help="output folder (default ./demo)")
@@ -176,6 +191,26 @@ def cmd_report(args: argparse.Namespace) -> int:
     path = write_report(settings, out=args.out)
     if not args.quiet:
         print(f"report written to {path}")
+    return EXIT_OK
+
+
+def cmd_lake(args: argparse.Namespace) -> int:
+    from .outputs import lake
+
+    settings = settings_from_args(args)
+    setup_logging(settings.logging.format, settings.logging.level)
+    if args.lake_command == "optimize":
+        done = lake.optimize_lake(settings, zorder=args.zorder)
+        line = "optimized " + ", ".join(f"{t} (+{m['files_added']} -{m['files_removed']} files)"
+                                        for t, m in done.items())
+    elif args.lake_command == "vacuum":
+        removed = lake.vacuum_lake(settings, dry_run=args.dry_run)
+        verb = "would remove" if args.dry_run else "removed"
+        line = f"vacuum {verb} " + ", ".join(f"{t} {n} files" for t, n in removed.items())
+    else:
+        line = str(lake.rebuild_lake(settings)).replace("merged", "rebuilt", 1)
+    if not args.quiet:
+        print(line)
     return EXIT_OK
 
 

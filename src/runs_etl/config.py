@@ -46,6 +46,9 @@ DEFAULT_MAX_IN_FLIGHT = 32  # across workspaces syncing at once
 DEFAULT_STORAGE_COMPATIBILITY = "v1.4.0"
 DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_DURATION = timedelta(hours=1)
+DEFAULT_VACUUM_RETENTION = timedelta(days=7)
+# Where delta-rs can keep a table: a local folder (a plain path or file://) or object storage.
+LAKE_SCHEMES = ("file", "s3", "s3a", "gs", "az", "abfs", "abfss")
 
 # env var -> (section, key). Only these are read; see interface.md for the contract.
 ENV_VARS: dict[str, tuple[str, str]] = {
@@ -58,6 +61,7 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "RUNS_ETL_PARQUET_DIR": ("export", "parquet_dir"),
     "RUNS_ETL_LOG_FORMAT": ("logging", "format"),
     "RUNS_ETL_LOG_LEVEL": ("logging", "level"),
+    "RUNS_ETL_LAKE_URI": ("lake", "uri"),
 }
 
 # What DuckDB's memory_limit accepts, strictly: the value is formatted into a SET statement.
@@ -235,6 +239,38 @@ class LoggingSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 
 
+class LakeSettings(_Section):
+    """``[lake]``: Delta Lake tables written after every sync (unset ``uri`` = no lake)."""
+
+    uri: str | None = Field(None, description="local folder or s3://bucket/prefix of the tables")
+    # Secrets (keys, tokens): SecretStr keeps them out of reprs, logs and error messages.
+    storage_options: dict[str, SecretStr] = Field(
+        default_factory=dict, description="delta-rs storage options (AWS_ENDPOINT_URL ...); "
+        "unset ones come from the standard AWS_* environment variables")
+    partition_by_month: bool = Field(True, description="partition runs by workspace and the "
+                                     "UTC month of created_at (else by workspace only)")
+    vacuum_retention: Duration = Field(DEFAULT_VACUUM_RETENTION,
+                                       description="`lake vacuum` keeps files younger than this")
+
+    @field_validator("uri")
+    @classmethod
+    def _uri_is_a_place(cls, uri: str | None) -> str | None:
+        if uri is None or not uri.strip():
+            return None
+        uri = uri.strip().rstrip("/")
+        scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", uri)
+        if scheme and scheme.group(1).lower() not in LAKE_SCHEMES:
+            raise ValueError(f"{redact_url(uri)!r}: use a local folder or one of "
+                             + ", ".join(f"{s}://" for s in LAKE_SCHEMES))
+        if scheme and scheme.group(1).lower() != "file" and not urlsplit(uri).netloc:
+            raise ValueError(f"{redact_url(uri)!r} names no bucket (e.g. s3://bucket/prefix)")
+        return uri
+
+    def storage(self) -> dict[str, str]:
+        """The storage options as delta-rs takes them (plain strings)."""
+        return {k: v.get_secret_value() for k, v in self.storage_options.items()}
+
+
 class WorkspaceSettings(_Section):
     """One ``[[workspaces]]`` entry: a Noxus workspace (one API key) synced into the warehouse."""
 
@@ -259,6 +295,7 @@ class Settings(BaseModel):
     analytics: AnalyticsSettings = AnalyticsSettings()
     schedule: ScheduleSettings = ScheduleSettings()
     logging: LoggingSettings = LoggingSettings()
+    lake: LakeSettings = LakeSettings()
 
     def api_key(self) -> str:
         """The key to send; raises ConfigError naming both ways to set it."""

@@ -11,6 +11,7 @@
     ├── DeadlineError                          the sync ran past sync.max_duration
     ├── DataError                              too many records failed validation
     ├── WorkspacesFailed              worst of   some workspaces of a sync failed, others committed
+    ├── LakeError                              the Delta lake could not be read or written
     └── WarehouseError                         DuckDB could not be opened / migrated / written
         └── LockedError               exit 75  another writer holds the warehouse
 """
@@ -132,6 +133,10 @@ class DataError(RunsEtlError):
 
 class WarehouseError(RunsEtlError):
     pass
+
+
+class LakeError(RunsEtlError):
+    """The Delta lake (``[lake] uri``) could not be read or written; the warehouse stands."""
 
 
 class LockedError(WarehouseError):

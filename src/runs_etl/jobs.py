@@ -17,10 +17,11 @@ import httpx
 from .config import Settings
 from .engine.sync import Outcome, sync_workspaces
 from .engine.walk import Progress
-from .errors import LockedError, RunsEtlError, WorkspacesFailed
+from .errors import LakeError, LockedError, RunsEtlError, WorkspacesFailed
 from .ops.console import make_progress
 from .ops.lock import Holder, note_progress, record_skipped, writer_lock
 from .outputs.export import ExportResult, export_parquet
+from .outputs.lake import write_lake
 from .warehouse.ledger import SyncResult
 from .warehouse.publish import open_working, publish
 
@@ -70,8 +71,11 @@ def run_syncs(settings: Settings, workspaces: Sequence[str] | None = None, *,
             log.debug("published %s in %.3fs", wh.duckdb_path, seconds,
                       extra={"event": "published", "seconds": seconds})
             synced = [o for o in outcomes if o.error is None]
+            lake_failure = _write_lake(settings, con) if settings.lake.uri and synced else None
             if settings.export.parquet_dir is not None and synced:
                 _export_after_sync(settings, con, synced[-1].result)
+            if lake_failure is not None:  # after the export, which does not need the lake
+                raise lake_failure
         finally:
             con.close()
     _raise_failures(outcomes)
@@ -132,6 +136,20 @@ def _publish_after_failure(con, settings: Settings) -> None:
         publish(con, settings.warehouse)
     except RunsEtlError as e:
         log.warning("%s", e, extra={"event": "publish_failed"})
+
+
+def _write_lake(settings: Settings, con) -> LakeError | None:
+    """Bring the Delta lake up to the committed, published warehouse; the error to raise when
+    that failed. A failure leaves the lake at its previous version and the sync standing: the
+    next sync catches the lake up."""
+    try:
+        result = write_lake(settings, con)
+    except RunsEtlError as e:
+        return LakeError(f"sync committed, lake write failed: {e} (the next sync catches the "
+                         "lake up)")
+    log.info("%s", result, extra={"event": "lake_written", "seconds": result.seconds,
+                                  "sync_id": result.sync_id})
+    return None
 
 
 def _export_after_sync(settings: Settings, con, result: SyncResult) -> None:

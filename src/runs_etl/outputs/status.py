@@ -23,7 +23,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..config import Settings
-from ..errors import LockedError
+from ..errors import LockedError, RunsEtlError, one_line
 from ..ops.lock import read_holder, running, skipped_attempts
 from ..warehouse.connect import open_read_only
 from ..warehouse.views import TERMINAL_SQL
@@ -101,7 +101,7 @@ def collect_status(settings: Settings, limit: int = DEFAULT_LIMIT,
         "failures_since_success": None, "workspaces": {},
         "running": asdict(holder) if holder is not None else None,
         "unfinished": _unfinished(path) if holder is None else None,
-        "rows": None, "last_syncs": [], "skipped_since_success": []}
+        "rows": None, "last_syncs": [], "skipped_since_success": [], "lake": None}
     if holder is not None and not path.is_file():
         return status
     try:
@@ -129,6 +129,7 @@ def collect_status(settings: Settings, limit: int = DEFAULT_LIMIT,
         status["last_syncs"] = [dict(zip(SYNC_COLUMNS, r)) for r in rows]
     finally:
         con.close()
+    status["lake"] = _lake(settings)
     return status
 
 
@@ -180,6 +181,29 @@ def status_json(status: dict[str, Any]) -> str:
             return v.astimezone(UTC).isoformat()
         raise TypeError(f"{type(v).__name__} is not JSON serializable")
     return json.dumps(status, default=default, ensure_ascii=False)
+
+
+def _lake(settings: Settings) -> dict[str, Any] | None:
+    """The lake's version and lag, when one is configured; an unreadable lake is news, not a
+    reason for status to fail."""
+    if settings.lake.uri is None:
+        return None
+    from .lake import lake_status  # deltalake loads only when a lake is configured
+
+    try:
+        return lake_status(settings)
+    except RunsEtlError as e:
+        return {"error": one_line(str(e), 300)}
+
+
+def _lake_line(lake: dict[str, Any]) -> str:
+    if "error" in lake:
+        return f"[red]Lake unreadable: {safe(lake['error'])}[/]"
+    behind = lake["lag_syncs"]
+    lag = "up to date" if not behind else f"[yellow]{behind} successful sync(s) behind[/]"
+    applied = lake["last_applied_sync_id"]
+    return (f"Lake {safe(lake['uri'])}: version {lake['version']}, last applied sync "
+            f"{'none' if applied is None else f'#{applied}'}, {lag}")
 
 
 def _unfinished(path: Path) -> dict[str, Any] | None:
@@ -276,6 +300,8 @@ def render_status(console: Console, status: dict[str, Any], limit: int) -> None:
                       "the running sync has committed.")
         return
     console.print(_freshness_line(status))
+    if status["lake"] is not None:
+        console.print(_lake_line(status["lake"]))
     counts = Table(title="Rows", title_justify="left")
     counts.add_column("table")
     counts.add_column("rows", justify="right")
