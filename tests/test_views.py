@@ -16,7 +16,8 @@ from runs_etl.engine.models import TERMINAL_STATUSES
 from runs_etl.warehouse.views import store_view_settings
 
 VIEWS = {"run_facts", "status_daily", "workflow_duration_stats", "failure_rate_daily",
-         "open_runs", "stuck_runs", "node_usage", "sync_history", "sync_health"}
+         "open_runs", "stuck_runs", "node_usage", "sync_history", "sync_health",
+         "status_transitions", "time_in_status", "queue_time_daily"}
 
 
 def utc_day(dt: datetime) -> date:

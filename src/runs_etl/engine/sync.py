@@ -297,6 +297,8 @@ def _finish_load(stage: Stage, settings: Settings, result: SyncResult, extracted
     result.rows_deleted = load.mark_deleted(
         con, stage.workspace, result.sync_id, extracted.missing_ids,
         max_fraction=None if allow_mass_delete else settings.sync.max_delete_fraction)
+    load.record_history(con, stage.workspace, result.sync_id,
+                        load.sync_started_at(con, result.sync_id))
     load.save_rejected(con, stage.workspace, result.sync_id)
     result.new_fields = ", ".join(load.new_extra_fields(con, stage.workspace)) or None
     store_view_settings(con, settings)
