@@ -3,12 +3,19 @@ views over it in ``sql/80_history.sql``, against the simulator."""
 
 from __future__ import annotations
 
+import json
+import os
+import time
+from datetime import UTC, datetime, timedelta
+
 import duckdb
 import helpers
 import pytest
 from helpers import TERMINAL, open_db, rows
 
 from runs_etl import jobs, warehouse
+from runs_etl.engine import pages
+from runs_etl.errors import DataError
 from runs_etl.warehouse.migrations import MIGRATIONS
 
 
@@ -40,7 +47,8 @@ def count(db, sql: str) -> int:
 @pytest.fixture
 def three_syncs(make_sim, tmp_path):
     """Three new runs moved queued -> running -> terminal, one sync after each step."""
-    sim = make_sim(300)
+    # The simulator's clock an hour behind ours: runs are created before the syncs start.
+    sim = make_sim(300, now=datetime.now(UTC) - timedelta(hours=1))
     db = tmp_path / "runs.duckdb"
     ids = sim.add_runs(3, status="queued")
     sync(sim, db)
@@ -162,3 +170,112 @@ def test_views_report_transitions_time_in_status_and_queue_time(three_syncs):
     for r in queue:
         if r["runs"]:
             assert 0 <= r["max_wait_lower_seconds"] <= r["max_wait_upper_seconds"]
+
+
+# --- raw page retention and replay ----------------------------------------------------------
+
+REPLAYED = ("runs", "workflows", "run_nodes", "run_history")
+
+
+def retaining(sim, db, **sync):
+    return helpers.settings_for(sim, db, retention={"raw_pages": "30d"}, **sync)
+
+
+def table_rows(db, table: str) -> list:
+    with open_db(db) as con:
+        return sorted(map(repr, con.execute(f"SELECT * FROM {table}").fetchall()))
+
+
+def test_retention_keeps_one_compressed_file_per_sync_and_removes_expired_ones(
+        make_sim, tmp_path):
+    sim = make_sim(250)
+    db = tmp_path / "runs.duckdb"
+    jobs.run_sync(retaining(sim, db), quiet=True)
+    folder = tmp_path / "runs.duckdb.pages" / "default"
+    first = folder / "1.jsonl.zst"
+    assert [f.name for f in folder.iterdir()] == ["1.jsonl.zst"]
+    assert first.read_bytes()[:4] == b"\x28\xb5\x2f\xfd"  # the zstd frame magic
+    kept = list(pages.records(first))
+    assert kept[0]["kind"] == "sync" and kept[-1]["kind"] == "commit"
+    bodies = [r for r in kept if r["kind"] == "page"]
+    assert len(bodies) == helpers.ledger(db)[0]["pages"]
+    assert [r["seq"] for r in bodies] == sorted(r["seq"] for r in bodies)  # arrival order
+    assert sum(len(json.loads(pages.body_of(r))["items"]) for r in bodies) == 250
+    # Older than the retention: removed by the next sync, which keeps its own.
+    old = time.time() - 31 * 86400
+    os.utime(first, (old, old))
+    sim.transition(3)
+    jobs.run_sync(retaining(sim, db), quiet=True)
+    assert sorted(f.name for f in folder.iterdir()) == ["2.jsonl.zst"]
+
+
+def test_without_retention_nothing_is_kept(make_sim, tmp_path):
+    sim = make_sim(100)
+    sync(sim, tmp_path / "runs.duckdb")
+    assert not (tmp_path / "runs.duckdb.pages").exists()
+
+
+def test_a_failed_sync_keeps_no_pages(make_sim, tmp_path):
+    sim = make_sim(100)
+    db = tmp_path / "runs.duckdb"
+    jobs.run_sync(retaining(sim, db), quiet=True)
+    sim.delete(20, where="oldest")  # past the mass-delete breaker: the sync fails
+    with pytest.raises(DataError):
+        jobs.run_sync(retaining(sim, db, sync={"full_refresh_every": "1s"}), quiet=True)
+    assert [f.name for f in (tmp_path / "runs.duckdb.pages" / "default").iterdir()] == \
+        ["1.jsonl.zst"]
+
+
+def test_replay_rebuilds_the_same_tables_as_the_syncs_did(make_sim, tmp_path, run_cli):
+    sim = make_sim(400)
+    db = tmp_path / "runs.duckdb"
+    settings = retaining(sim, db)
+    jobs.run_sync(settings, quiet=True)
+    for step in range(3):
+        new = sim.add_runs(5)
+        sim.transition(10)
+        sim.delete(ids=sorted(sim.open_ids() - set(new))[:1])  # open: 404 by id at once
+        sim.delete(2, where="oldest")  # terminal: gone at the full refresh of the last step
+        done = sorted(i for i, r in sim.snapshot().items() if r["status"] in TERMINAL)
+        sim.touch_terminal(done[step * 3:step * 3 + 3])
+        jobs.run_sync(settings, quiet=True, full_refresh=step == 2)
+    assert sum(r["rows_deleted"] for r in helpers.ledger(db)) >= 6
+    code, out, err = run_cli(sim, "replay", RUNS_ETL_DUCKDB_PATH=str(db))
+    assert code == 0, err
+    replayed = tmp_path / "runs.replayed.duckdb"
+    assert "replayed 4 syncs" in out and str(replayed) in out
+    for table in REPLAYED:
+        assert table_rows(replayed, table) == table_rows(db, table), table
+    # The new file is a warehouse: views and a ledger saying what was replayed.
+    with open_db(replayed) as con:
+        assert con.execute("SELECT count(*) FROM status_transitions").fetchone()[0] > 0
+        assert {m for (m,) in con.execute("SELECT mode FROM sync_runs").fetchall()} == \
+            {"replay"}
+    # A second replay to the same file is refused, with one Error line.
+    code, _, err = run_cli(sim, "replay", RUNS_ETL_DUCKDB_PATH=str(db))
+    assert code == 2 and "--out: " in helpers.error_line(err) and "exists" in err
+
+
+def test_replay_in_place_replaces_the_tables_and_since_limits_the_syncs(
+        make_sim, tmp_path, run_cli):
+    sim = make_sim(200)
+    db = tmp_path / "runs.duckdb"
+    jobs.run_sync(retaining(sim, db), quiet=True)
+    sim.transition(5)
+    jobs.run_sync(retaining(sim, db), quiet=True)
+    before = {t: table_rows(db, t) for t in REPLAYED}
+    with open_db(helpers_working(db)) as con:  # damage the writer's copy: replay repairs it
+        con.execute("DELETE FROM run_history")
+        con.execute("UPDATE runs SET status = 'garbled'")
+    code, _, err = run_cli(sim, "replay", "--in-place", "-q", RUNS_ETL_DUCKDB_PATH=str(db))
+    assert code == 0, err
+    assert {t: table_rows(db, t) for t in REPLAYED} == before
+    assert not list(tmp_path.glob("*.replay*"))  # the rebuilt file was swapped in and removed
+    code, _, err = run_cli(sim, "replay", "--since", "2999-01-01",
+                           RUNS_ETL_DUCKDB_PATH=str(db))
+    assert code != 0 and "no retained raw pages" in helpers.error_line(err)
+
+
+def helpers_working(db):
+    from runs_etl.warehouse.publish import working_path
+    return working_path(db)
