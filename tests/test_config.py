@@ -61,6 +61,9 @@ parquet_dir = "/data/parquet"
 [analytics]
 stuck_after = "2h"
 
+[retention]
+raw_pages = "30d"
+
 [schedule]
 interval = "15m"
 jitter = "30s"
@@ -184,6 +187,7 @@ def test_every_key_of_a_full_toml_parses(tmp_path):
     assert s.sync.max_duration == timedelta(minutes=20)
     assert s.export.parquet_dir == Path("/data/parquet")
     assert s.analytics.stuck_after == timedelta(hours=2)
+    assert s.retention.raw_pages == timedelta(days=30)
     assert s.schedule.cron is None  # cron and interval exclusive: cron is tested on its own
     assert s.schedule.interval == timedelta(minutes=15)
     assert s.schedule.jitter == timedelta(seconds=30)

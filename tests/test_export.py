@@ -108,7 +108,8 @@ def test_files_are_zstd_and_runs_are_partitioned_by_utc_year_and_month(synced):
     assert len(files) == result.files
     for f in files:
         meta = pq.read_metadata(f)
-        assert meta.row_group(0).column(0).compression == "ZSTD"
+        # A view with no rows yet (status_transitions after one sync) has no row group.
+        assert meta.num_row_groups == 0 or meta.row_group(0).column(0).compression == "ZSTD"
         assert result.version in f.name  # a listing that straddles a switch fails, never mixes
     for f in (result.path / "runs").rglob("*.parquet"):
         year, month = f.parent.parent.name, f.parent.name
@@ -319,8 +320,9 @@ def test_a_current_folder_not_made_by_runs_etl_is_refused(synced):
 
 # Columns computed from now() at query time: equal only up to the seconds between two queries.
 QUERY_TIME = {"age_seconds", "freshness_seconds"}
+HISTORY_VIEWS = ["status_transitions", "time_in_status", "queue_time_daily"]
 VIEWS = ["run_facts", "status_daily", "workflow_duration_stats", "failure_rate_daily",
-         "open_runs", "stuck_runs", "node_usage", "sync_history", "sync_health"]
+         "open_runs", "stuck_runs", "node_usage", "sync_history", "sync_health", *HISTORY_VIEWS]
 
 
 def same_rows(con, a: str, b: str) -> bool:
@@ -457,6 +459,8 @@ def test_other_tables_carry_the_workspace_column(two_workspaces):
         got = dict(con.execute(f"SELECT workspace, count(*) FROM "
                                f"read_parquet('{result.path / name}/*.parquet') GROUP BY 1"
                                ).fetchall())
+        if name in HISTORY_VIEWS and not got:
+            continue  # the hand-made warehouse has no run_history: these views are empty
         assert set(got) == {"a", "b"} and got["a"] == got["b"], name
         if name == "run_nodes":  # the nodes of each workspace's live runs, once
             assert got["a"] == sum(len(r.nodes) for r in RUNS if not r.deleted)

@@ -18,8 +18,10 @@ from runs_etl.config import load_settings
 from runs_etl.engine.models import TERMINAL_STATUSES
 from runs_etl.warehouse.views import store_view_settings
 
+HISTORY_VIEWS = {"status_transitions", "time_in_status", "queue_time_daily"}
 VIEWS = {"run_facts", "status_daily", "workflow_duration_stats", "failure_rate_daily",
-         "open_runs", "stuck_runs", "node_usage", "sync_history", "sync_health"}
+         "open_runs", "stuck_runs", "node_usage", "sync_history", "sync_health",
+         "status_transitions", "time_in_status", "queue_time_daily"}
 
 
 def utc_day(dt: datetime) -> date:
@@ -93,7 +95,9 @@ def test_every_view_starts_with_the_workspace_column(con):
         cur = con.execute(f"SELECT * FROM {name} LIMIT 0")
         assert cur.description[0][0] == "workspace", name
         got = {w for (w,) in con.execute(f"SELECT DISTINCT workspace FROM {name}").fetchall()}
-        assert got == set(WORKSPACES), name
+        # The hand-made warehouse has no run_history: the history views are empty here
+        # (tests/test_history.py covers them).
+        assert got == (set() if name in HISTORY_VIEWS else set(WORKSPACES)), name
 
 
 def test_a_single_workspace_warehouse_reads_as_workspace_default(tmp_path):

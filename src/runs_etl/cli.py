@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from datetime import UTC, date, datetime, time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -108,6 +109,19 @@ def build_parser() -> argparse.ArgumentParser:
     q = lake.add_parser("rebuild", help="write the lake afresh from the published warehouse")
     _common(q)
     q.set_defaults(func=cmd_lake)
+
+    p = sub.add_parser("replay", help="rebuild the warehouse from the retained raw pages, "
+                       "without the API")
+    _common(p)
+    p.add_argument("--since", type=_utc_date, metavar="DATE",
+                   help="replay only the syncs that started on or after DATE (YYYY-MM-DD, UTC)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--in-place", action="store_true",
+                   help="replace the warehouse's tables, atomically (default: a new file)")
+    g.add_argument("--out", type=Path, metavar="FILE",
+                   help="the new warehouse file (default <name>.replayed.duckdb beside it)")
+    _wait_flag(p)
+    p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("demo", help="sync the built-in simulator into ./demo/runs.duckdb")
     p.add_argument("--runs", type=int, default=DEMO_RUNS, help="simulated runs (default 20000)")
@@ -211,6 +225,25 @@ def cmd_lake(args: argparse.Namespace) -> int:
         line = str(lake.rebuild_lake(settings)).replace("merged", "rebuilt", 1)
     if not args.quiet:
         print(line)
+    return EXIT_OK
+
+
+def _utc_date(text: str) -> datetime:
+    try:
+        return datetime.combine(date.fromisoformat(text), time.min, tzinfo=UTC)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a date: {text!r} (use YYYY-MM-DD)") from None
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from .jobs import run_replay
+
+    settings = settings_from_args(args)
+    setup_logging(settings.logging.format, settings.logging.level)
+    path, result = run_replay(settings, since=args.since, in_place=args.in_place, out=args.out,
+                              quiet=args.quiet)
+    if not args.quiet:
+        print(f"replayed {result.syncs} syncs ({result.pages} bodies) into {path}")
     return EXIT_OK
 
 

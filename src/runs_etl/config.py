@@ -220,6 +220,18 @@ class AnalyticsSettings(_Section):
     stuck_after: Duration = Field(timedelta(hours=24), description="open runs older are stuck")
 
 
+class RetentionSettings(_Section):
+    raw_pages: Duration | None = Field(
+        None, description="keep every fetched body this long, for `runs-etl replay`; unset = off")
+
+    @field_validator("raw_pages")
+    @classmethod
+    def _positive(cls, value: timedelta | None) -> timedelta | None:
+        if value is not None and value <= timedelta(0):
+            raise ValueError(f"must be positive, got {value}")
+        return value
+
+
 class ScheduleSettings(_Section):
     cron: str | None = Field(None, description="crontab expression, e.g. '*/15 * * * *'")
     interval: Duration | None = Field(None, description="fixed interval, e.g. '15m'")
@@ -293,6 +305,7 @@ class Settings(BaseModel):
     sync: SyncSettings = SyncSettings()
     export: ExportSettings = ExportSettings()
     analytics: AnalyticsSettings = AnalyticsSettings()
+    retention: RetentionSettings = RetentionSettings()
     schedule: ScheduleSettings = ScheduleSettings()
     logging: LoggingSettings = LoggingSettings()
     lake: LakeSettings = LakeSettings()

@@ -6,22 +6,27 @@ daemon and the demo take exactly the same path.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 
 import httpx
 
 from .config import Settings
+from .engine import pages, replay
 from .engine.sync import Outcome, sync_workspaces
 from .engine.walk import Progress
-from .errors import LakeError, LockedError, RunsEtlError, WorkspacesFailed
+from .errors import ConfigError, LakeError, LockedError, RunsEtlError, WorkspacesFailed
 from .ops.console import make_progress
 from .ops.lock import Holder, note_progress, record_skipped, writer_lock
 from .outputs.export import ExportResult, export_parquet
 from .outputs.lake import write_lake
+from .warehouse.connect import connect
 from .warehouse.ledger import SyncResult
 from .warehouse.publish import open_working, publish
 
@@ -91,6 +96,53 @@ def _raise_failures(outcomes: list[Outcome]) -> None:
     errors = {n: e if isinstance(e, RunsEtlError) else RunsEtlError(str(e) or type(e).__name__)
               for n, e in failed.items()}
     raise WorkspacesFailed(errors, [o.workspace for o in outcomes if o.error is None])
+
+
+def run_replay(settings: Settings, *, since: datetime | None = None, in_place: bool = False,
+               out: Path | None = None, quiet: bool = False) -> tuple[Path, replay.ReplayResult]:
+    """Rebuild the warehouse's runs, workflows, run_nodes and run_history from the retained raw
+    pages, without the API: into ``out`` (a new file, default ``<name>.replayed.duckdb``), or
+    with ``in_place`` into the warehouse itself, under the writer lock, in one transaction, then
+    published. Returns where it went and what was replayed."""
+    wh = settings.warehouse
+    db = Path(wh.duckdb_path)
+    root = pages.pages_root(db)
+    if in_place:
+        target = db.with_name(f".{db.name}.replay")
+    else:
+        target = out or db.with_name(f"{db.stem}.replayed{db.suffix}")
+        if target.exists():
+            raise ConfigError([f"--out: {target} exists; remove it or name another file"])
+    partial = target.with_name(f".{target.name}.partial")
+    for leftover in (partial, target if in_place else None):
+        if leftover is not None:
+            leftover.unlink(missing_ok=True)
+    with contextlib.ExitStack() as stack:
+        if in_place:  # no sync may write between the replay and the swap
+            stack.enter_context(writer_lock(db, wh.lock_wait, command="runs-etl replay"))
+        con = connect(partial, memory_limit=wh.memory_limit,
+                      storage_compatibility=wh.storage_compatibility)
+        try:
+            with make_progress(quiet=quiet) as bar:
+                result = replay.replay(con, root, since=since, progress=bar)
+        except BaseException:
+            con.close()
+            partial.unlink(missing_ok=True)
+            raise
+        con.close()
+        os.replace(partial, target)
+        if not in_place:
+            return target, result
+        try:
+            con = open_working(wh)
+            try:
+                replay.replace_tables(con, target)
+                publish(con, wh)
+            finally:
+                con.close()
+        finally:
+            target.unlink(missing_ok=True)
+    return db, result
 
 
 def run_export(settings: Settings) -> ExportResult:

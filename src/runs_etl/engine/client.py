@@ -145,6 +145,9 @@ class ApiClient:
     stats: RequestStats = field(default_factory=RequestStats)
     # A bound shared with other workspaces' clients (requests in flight across all of them).
     shared: asyncio.Semaphore | None = None
+    # Called with (seq, "page" | "run", page number | path, body) for every body accepted:
+    # raw page retention writes them out (see ``pages.py``) instead of keeping them.
+    on_body: Callable[[int, str, int | str, bytes], None] | None = None
 
     def __post_init__(self) -> None:
         self.limiter = Limiter(self.concurrency, adaptive=self.adaptive, sleep=self.sleep)
@@ -233,8 +236,11 @@ class ApiClient:
             try:
                 response = await self._send(path, params, url=url, page=page,
                                             retry=last is not None)
-                return self._judge(response, parse, url=url, page=page,
-                                   missing_ok=missing_ok), response
+                parsed = self._judge(response, parse, url=url, page=page, missing_ok=missing_ok)
+                if self.on_body is not None and parsed is not None:
+                    self.on_body(response.seq, "run" if page is None else "page",
+                                 path if page is None else page, response.body)
+                return parsed, response
             except RetryableApiError as e:
                 last = e
         assert last is not None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from datetime import datetime
 
 from ..errors import DataError
 from ..warehouse import ledger
@@ -20,6 +21,10 @@ log = logging.getLogger("runs_etl.load")
 STATE_KNOWN_EXTRA = "known_extra_fields"
 
 RUN_COLUMNS = data_columns(RUNS_SCHEMA)
+# The columns ``run_history`` versions: a change to any of them is a new version of the run.
+HISTORY_COLUMNS = ("status", "progress", "finished_at", "workflow_id")
+# The time rows are stamped with: the load's own transaction, unless a replay passes ``at``.
+_NOW = "coalesce($at::TIMESTAMPTZ, now())"
 WORKFLOW_COLUMNS = data_columns(WORKFLOWS_SCHEMA)
 
 
@@ -50,10 +55,11 @@ def check_mass_delete(n: int, live: int, max_fraction: float) -> None:
             "source really lost them, run again with --allow-mass-delete")
 
 
-def merge(con, workspace: str, sync_id: int) -> MergeCounts:
-    """Upsert the freshest staged snapshot of every run and workflow of ``workspace``."""
+def merge(con, workspace: str, sync_id: int, *, at: datetime | None = None) -> MergeCounts:
+    """Upsert the freshest staged snapshot of every run and workflow of ``workspace``. Rows are
+    stamped with the transaction's time, or ``at`` (a replay repeats the original load's)."""
     cols = RUN_COLUMNS
-    p = {"ws": workspace, "sync": sync_id}
+    p = {"ws": workspace, "sync": sync_id, "at": at}
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE run_changes AS
         WITH latest AS (SELECT id, max(_seq) AS _seq FROM stage_runs GROUP BY id),
@@ -70,7 +76,7 @@ def merge(con, workspace: str, sync_id: int) -> MergeCounts:
     con.execute(f"""
         INSERT INTO runs (workspace, {_list(cols)}, _first_seen_at, _synced_at, _deleted_at,
                           _sync_id)
-        SELECT $ws, {_list(cols, 's.')}, coalesce(d._first_seen_at, now()), now(), NULL, $sync
+        SELECT $ws, {_list(cols, 's.')}, coalesce(d._first_seen_at, {_NOW}), {_NOW}, NULL, $sync
         FROM stage_runs s JOIN run_changes d ON s.id = d.id AND s._seq = d._seq
         WHERE d.change <> 'unchanged'""", p)
     con.execute("DELETE FROM run_nodes WHERE workspace = $ws AND run_id IN "
@@ -84,11 +90,11 @@ def merge(con, workspace: str, sync_id: int) -> MergeCounts:
         SELECT count(*) FILTER (change = 'new'), count(*) FILTER (change = 'updated'),
                count(*) FILTER (change = 'unchanged'), count(*) FILTER (undeleted)
         FROM run_changes""").fetchall()[0]
-    wf_new, wf_updated = _merge_workflows(con, workspace, sync_id)
+    wf_new, wf_updated = _merge_workflows(con, workspace, sync_id, at)
     return MergeCounts(new, updated, unchanged, undeleted, wf_new, wf_updated)
 
 
-def _merge_workflows(con, workspace: str, sync_id: int) -> tuple[int, int]:
+def _merge_workflows(con, workspace: str, sync_id: int, at: datetime | None) -> tuple[int, int]:
     cols = WORKFLOW_COLUMNS
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE wf_changes AS
@@ -102,10 +108,54 @@ def _merge_workflows(con, workspace: str, sync_id: int) -> tuple[int, int]:
                 "(SELECT id FROM wf_changes WHERE NOT _is_new)", {"ws": workspace})
     con.execute(f"""
         INSERT INTO workflows (workspace, {_list(cols)}, _first_seen_at, _synced_at, _sync_id)
-        SELECT $ws, {_list(cols)}, coalesce(_prev_first_seen, now()), now(), $sync
-        FROM wf_changes""", {"ws": workspace, "sync": sync_id})
+        SELECT $ws, {_list(cols)}, coalesce(_prev_first_seen, {_NOW}), {_NOW}, $sync
+        FROM wf_changes""", {"ws": workspace, "sync": sync_id, "at": at})
     return con.execute("SELECT count(*) FILTER (_is_new), count(*) FILTER (NOT _is_new) "
                        "FROM wf_changes").fetchall()[0]
+
+
+def sync_started_at(con, sync_id: int) -> datetime:
+    """When sync ``sync_id`` started (its ledger row): the time of everything it observed."""
+    return con.execute("SELECT started_at FROM sync_runs WHERE sync_id = ?",
+                       [sync_id]).fetchall()[0][0]
+
+
+def record_history(con, workspace: str, sync_id: int, valid_from: datetime) -> int:
+    """Version the runs this sync saw in ``run_history``, after ``merge`` and ``mark_deleted``
+    in the same transaction; returns the versions opened.
+
+    A run whose tracked fields (``HISTORY_COLUMNS``) match its open version only moves that
+    version's ``_last_seen_at`` to ``valid_from`` (this sync's start). A changed run closes its
+    open version at ``valid_from`` and opens a new one whose ``observed_after`` is the last
+    sighting of the old one: the change happened between the two. A run deleted at the source
+    closes its open version."""
+    p = {"ws": workspace, "t": valid_from}
+    con.execute("UPDATE run_history SET valid_to = $t WHERE workspace = $ws AND valid_to IS NULL "
+                "AND run_id IN (SELECT id FROM runs WHERE workspace = $ws "
+                "AND _deleted_at IS NOT NULL)", p)
+    tracked = ", ".join(f"s.{c}" for c in HISTORY_COLUMNS)
+    con.execute(f"""
+        CREATE OR REPLACE TEMP TABLE history_seen AS
+        WITH latest AS (SELECT id, max(_seq) AS _seq FROM stage_runs GROUP BY id),
+        open AS (SELECT * FROM run_history WHERE workspace = $ws AND valid_to IS NULL)
+        SELECT s.id AS run_id, {tracked}, h._last_seen_at AS prev_seen,
+               h.run_id IS NOT NULL AS has_open,
+               h.run_id IS NULL OR {_changed(list(HISTORY_COLUMNS), 's', 'h')} AS changed
+        FROM stage_runs s JOIN latest USING (id, _seq) LEFT JOIN open h ON h.run_id = s.id""",
+                {"ws": workspace})
+    con.execute("UPDATE run_history SET _last_seen_at = $t WHERE workspace = $ws "
+                "AND valid_to IS NULL AND run_id IN "
+                "(SELECT run_id FROM history_seen WHERE NOT changed)", p)
+    con.execute("UPDATE run_history SET valid_to = $t WHERE workspace = $ws "
+                "AND valid_to IS NULL AND run_id IN "
+                "(SELECT run_id FROM history_seen WHERE changed AND has_open)", p)
+    cols = ", ".join(HISTORY_COLUMNS)
+    con.execute(f"""
+        INSERT INTO run_history (workspace, run_id, valid_from, valid_to, {cols},
+                                 observed_after, _last_seen_at, _sync_id)
+        SELECT $ws, run_id, $t, NULL, {cols}, prev_seen, $t, $sync
+        FROM history_seen WHERE changed""", {**p, "sync": sync_id})
+    return con.execute("SELECT count(*) FROM history_seen WHERE changed").fetchall()[0][0]
 
 
 def save_rejected(con, workspace: str, sync_id: int) -> int:
@@ -117,7 +167,7 @@ def save_rejected(con, workspace: str, sync_id: int) -> int:
 
 
 def mark_deleted(con, workspace: str, sync_id: int, ids: list[str], *,
-                 max_fraction: float | None) -> int:
+                 max_fraction: float | None, at: datetime | None = None) -> int:
     """Soft-delete the live runs of ``workspace`` among ``ids`` (confirmed gone: 404 by id).
     Refuses with DataError beyond ``max_fraction`` of the workspace's live runs (None = no
     limit)."""
@@ -130,9 +180,10 @@ def mark_deleted(con, workspace: str, sync_id: int, ids: list[str], *,
     if max_fraction is not None:
         check_mass_delete(n, live, max_fraction)
     if n:
-        con.execute("UPDATE runs SET _deleted_at = now(), _synced_at = now(), _sync_id = $sync "
-                    "WHERE workspace = $ws AND _deleted_at IS NULL "
-                    "AND id IN (SELECT id FROM gone)", {"ws": workspace, "sync": sync_id})
+        con.execute(f"UPDATE runs SET _deleted_at = {_NOW}, _synced_at = {_NOW}, "
+                    "_sync_id = $sync WHERE workspace = $ws AND _deleted_at IS NULL "
+                    "AND id IN (SELECT id FROM gone)",
+                    {"ws": workspace, "sync": sync_id, "at": at})
     return n
 
 
@@ -158,5 +209,5 @@ def new_extra_fields(con, workspace: str) -> list[str]:
 
 def drop_work_tables(con) -> None:
     """The merge's temp tables, once the sync's transaction has ended."""
-    for table in ("run_changes", "wf_changes", "gone"):
+    for table in ("run_changes", "wf_changes", "gone", "history_seen"):
         con.execute(f"DROP TABLE IF EXISTS {table}")

@@ -28,7 +28,7 @@ from ..warehouse import ledger
 from ..warehouse.ledger import SyncResult
 from ..warehouse.migrations import migrate
 from ..warehouse.views import apply_views, store_view_settings
-from . import load
+from . import load, pages
 from .client import ApiClient
 from .extract import (
     NEWEST_FIRST,
@@ -59,6 +59,7 @@ class _Job:
     sink: StagingSink | None = None
     extracted: Extracted | None = None
     error: BaseException | None = None
+    recorder: pages.PageRecorder | None = None  # raw page retention, when configured
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,8 @@ async def _extract(job: _Job, transport: httpx.AsyncBaseTransport | None, progre
     settings, result = job.settings, job.result
     assert job.sink is not None
     client = ApiClient.from_settings(settings, transport=transport, shared=shared)
+    if job.recorder is not None:
+        client.on_body = job.recorder.record
     limit = settings.sync.max_duration
     reader = job.cur.cursor()  # sees the last commit while the walk stages data
     # A server can stall a sync for hours within every per-request limit (Retry-After, retries,
@@ -169,6 +172,7 @@ def sync_workspaces(settings: Settings, con, names: Sequence[str], *,
         for job in jobs:
             job.stage = Stage(job.cur, job.result.sync_id, root, workspace=job.name)
             job.sink = StagingSink(job.stage, settings.sync.batch_pages)
+            job.recorder = _open_recorder(job)
         with _fewer_gc_passes():
             asyncio.run(_extract_all(jobs, transports, progress or NullProgress(),
                                      allow_mass_delete, settings.sync.max_requests_in_flight))
@@ -216,7 +220,9 @@ def _load(job: _Job, allow_mass_delete: bool) -> None:
         result.seconds_total = time.perf_counter() - job.t_start
         result.outcome = "success"
         ledger.close_attempt(cur, result.sync_id, "success", result.ledger_fields())
+        (loaded_at,) = cur.execute("SELECT now()").fetchall()[0]  # the merge's time stamps
         cur.commit()
+        _keep_pages(job, loaded_at)
     except Exception as exc:  # this workspace's failure; the next one still loads
         job.error = exc
         _fail(job, exc, in_transaction=True)
@@ -235,7 +241,34 @@ def _fail(job: _Job, exc: BaseException, *, in_transaction: bool) -> None:
     _record_failure(job.cur, result, in_transaction)
 
 
+def _open_recorder(job: _Job) -> pages.PageRecorder | None:
+    """Raw page retention for this workspace's sync (``[retention] raw_pages``), after removing
+    its expired files; None when off or for an in-memory warehouse."""
+    keep, db = job.settings.retention.raw_pages, job.settings.warehouse.duckdb_path
+    if keep is None or str(db).startswith(":memory:"):
+        return None
+    root = pages.pages_root(db)
+    pages.prune(root, job.name, keep)
+    return pages.PageRecorder(root, job.name, job.result.sync_id,
+                              load.sync_started_at(job.cur, job.result.sync_id))
+
+
+def _keep_pages(job: _Job, loaded_at: datetime) -> None:
+    """Close the committed sync's page file; the sync stands if that fails (it is a copy)."""
+    if job.recorder is None:
+        return
+    assert job.extracted is not None
+    try:
+        job.recorder.commit(loaded_at, job.extracted.missing_ids)
+    except OSError as e:
+        job.recorder.discard()
+        log.warning("sync %s: could not keep its raw pages: %s", job.result.sync_id, e,
+                    extra={"event": "pages_not_kept", "workspace": job.name})
+
+
 def _close_job(job: _Job) -> None:
+    if job.recorder is not None:
+        job.recorder.discard()  # nothing left to remove once committed
     if job.stage is not None:
         job.stage.close()
         with contextlib.suppress(duckdb.Error):
@@ -297,6 +330,8 @@ def _finish_load(stage: Stage, settings: Settings, result: SyncResult, extracted
     result.rows_deleted = load.mark_deleted(
         con, stage.workspace, result.sync_id, extracted.missing_ids,
         max_fraction=None if allow_mass_delete else settings.sync.max_delete_fraction)
+    load.record_history(con, stage.workspace, result.sync_id,
+                        load.sync_started_at(con, result.sync_id))
     load.save_rejected(con, stage.workspace, result.sync_id)
     result.new_fields = ", ".join(load.new_extra_fields(con, stage.workspace)) or None
     store_view_settings(con, settings)

@@ -66,11 +66,12 @@ LOCK_WAIT_SECONDS = 600.0  # a second exporter waits for the first instead of ra
 KEEP_VERSIONS = 3
 # Internal bookkeeping that means nothing outside the warehouse.
 DROP_COLUMNS = {"runs": {"_deleted_at", "_sync_id"}, "workflows": {"_sync_id"}, "run_nodes": set(),
-                "sync_runs": set(), "sync_state": set()}
+                "sync_runs": set(), "sync_state": set(), "run_history": set()}
 CORE_TABLES = ("runs", "workflows", "run_nodes")
 # runs/workspace=<name>/year=YYYY/month=MM/: one workspace's month is one folder.
 RUNS_PARTITIONS = "(workspace, year, month)"
 LEDGER_TABLES = ("sync_runs", "sync_state")
+HISTORY_TABLES = ("run_history",)  # every observed version of a run, deleted runs' included
 VIEW_NAME = re.compile(r"^\s*CREATE\s+OR\s+REPLACE\s+VIEW\s+(\w+)", re.IGNORECASE | re.MULTILINE)
 
 
@@ -216,7 +217,7 @@ def _write_tables(con, staging: Path, version: str, result: ExportResult) -> dic
                           "JOIN runs AS r ON r.workspace = t.workspace AND r.id = t.run_id "
                           "AND r._deleted_at IS NULL"),
         }
-        for name in LEDGER_TABLES:
+        for name in (*LEDGER_TABLES, *HISTORY_TABLES):
             queries[name] = f"SELECT {_columns(cur, name)} FROM {name} AS t"
         for name in sql_view_names():  # materialized as of this snapshot (ages: at export time)
             queries[name] = f"SELECT * FROM {name}"
@@ -277,7 +278,7 @@ def _table_views(cur: Path) -> list[str]:
         f"FROM read_parquet({_sql_path(cur / 'runs' / '**' / '*.parquet')}, "
         "hive_partitioning = true, hive_types_autocast = false);",
     ]
-    for name in ("workflows", "run_nodes", *LEDGER_TABLES):
+    for name in ("workflows", "run_nodes", *LEDGER_TABLES, *HISTORY_TABLES):
         stmts.append(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM "
                      f"read_parquet({_sql_path(cur / name / '*.parquet')});")
     return stmts

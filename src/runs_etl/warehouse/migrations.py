@@ -60,6 +60,21 @@ MIGRATIONS: list[tuple[int, str, str]] = [
     DROP TABLE sync_state;
     ALTER TABLE sync_state_v3 RENAME TO sync_state;
     """),
+    # Every observed version of a run (see ``load.record_history``). A warehouse that existed
+    # before starts with each run's current state, first seen when its row was last written
+    # (a deleted run's row was last written by its delete: its version dates from first sight).
+    (4, "run history", """
+    CREATE TABLE run_history (
+        workspace VARCHAR NOT NULL, run_id VARCHAR NOT NULL,
+        valid_from TIMESTAMPTZ NOT NULL, valid_to TIMESTAMPTZ,
+        status VARCHAR, progress INTEGER, finished_at TIMESTAMPTZ, workflow_id VARCHAR,
+        observed_after TIMESTAMPTZ, _last_seen_at TIMESTAMPTZ NOT NULL, _sync_id BIGINT);
+    INSERT INTO run_history
+        SELECT workspace, id, v.seen, _deleted_at, status, progress, finished_at, workflow_id,
+               NULL, v.seen, _sync_id
+        FROM runs, LATERAL (SELECT CASE WHEN _deleted_at IS NULL THEN _synced_at
+                                        ELSE _first_seen_at END AS seen) v;
+    """),
 ]
 
 
