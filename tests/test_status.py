@@ -14,7 +14,6 @@ from helpers import LIVE, RUNS, SYNCS, handmade_warehouse, settings_for_db
 from rich.console import Console
 
 from runs_etl import warehouse
-from runs_etl.warehouse.migrations import MIGRATIONS
 from runs_etl.cli import main
 from runs_etl.errors import WarehouseError
 from runs_etl.ops.lock import note_progress, writer_lock
@@ -25,6 +24,7 @@ from runs_etl.outputs.status import (
     print_status,
     render_status,
 )
+from runs_etl.warehouse.migrations import MIGRATIONS
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ verification, delete candidates and the merge.
 from __future__ import annotations
 
 import asyncio
+import glob
 import shutil
 import tempfile
 import time
@@ -61,9 +62,11 @@ class Stage:
         self._write({k: s.empty_table() for k, s in _KINDS.items()})
         for kind, view in (("runs", "stage_runs"), ("workflows", "stage_workflows"),
                            ("nodes", "stage_nodes"), ("rejected", "stage_rejected")):
-            glob = str(self.dir / f"{kind}-*.parquet").replace("'", "''")
+            # The folder derives from the database path, which may hold glob characters
+            # ("x[1]/runs.duckdb"): DuckDB reads them as a pattern unless escaped.
+            pattern = (glob.escape(str(self.dir)) + f"/{kind}-*.parquet").replace("'", "''")
             con.execute(f"CREATE OR REPLACE TEMP VIEW {view} AS "
-                        f"SELECT * FROM read_parquet('{glob}')")
+                        f"SELECT * FROM read_parquet('{pattern}')")
 
     def _write(self, tables: dict[str, pa.Table]) -> None:
         n = self._files

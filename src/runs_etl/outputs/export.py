@@ -31,6 +31,7 @@ a reader's open connection is not pulled from under it by every export.
 
 from __future__ import annotations
 
+import glob
 import importlib.resources
 import json
 import os
@@ -184,6 +185,12 @@ def _sql_path(path: Path) -> str:
     return "'" + str(path).replace("'", "''") + "'"
 
 
+def _sql_glob(folder: Path, pattern: str) -> str:
+    """``folder/pattern`` for ``read_parquet``: glob characters in the folder ("x[1]") are
+    escaped, or DuckDB would read them as part of the pattern and find no file."""
+    return _sql_path(Path(glob.escape(str(folder))) / pattern)
+
+
 def _sql_texts() -> list[str]:
     """The ``sql/`` files' texts in the order ``apply_views`` runs them."""
     files = sorted((f for f in importlib.resources.files("runs_etl.sql").iterdir()
@@ -265,12 +272,12 @@ def _table_views(cur: Path) -> list[str]:
         # Soft-deleted runs are not exported, so ``_deleted_at`` is NULL for every row, and the
         # ``sql/`` views' ``WHERE _deleted_at IS NULL`` reads as it does in the warehouse.
         "CREATE OR REPLACE VIEW runs AS SELECT *, CAST(NULL AS TIMESTAMPTZ) AS _deleted_at "
-        f"FROM read_parquet({_sql_path(cur / 'runs' / '**' / '*.parquet')}, "
+        f"FROM read_parquet({_sql_glob(cur / 'runs', '**/*.parquet')}, "
         "hive_partitioning = false);",
     ]
     for name in ("workflows", "run_nodes", *LEDGER_TABLES):
         stmts.append(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM "
-                     f"read_parquet({_sql_path(cur / name / '*.parquet')});")
+                     f"read_parquet({_sql_glob(cur / name, '*.parquet')});")
     return stmts
 
 

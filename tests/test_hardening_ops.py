@@ -1,0 +1,39 @@
+"""Hardening of the operating side (issue 9): a full disk, a signal, a read-only folder, an odd
+path or a quiet cron job each end in what the README promises (one ``Error:`` line, the right
+exit code, the warehouse at its previous commit), never a traceback or a flood of lines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+from helpers import assert_mirror, read_warehouse
+
+# --- 22. glob characters in the warehouse path ------------------------------------------------
+
+def test_a_warehouse_path_with_glob_characters_syncs_exports_and_reports(make_sim, run_cli,
+                                                                          tmp_path):
+    folder = tmp_path / "x[1]"
+    folder.mkdir()
+    db, parquet = folder / "runs.duckdb", folder / "parquet"
+    env = {"RUNS_ETL_DUCKDB_PATH": str(db), "RUNS_ETL_PARQUET_DIR": str(parquet)}
+    sim = make_sim(250)
+    code, _, err = run_cli(sim, "sync", "-q", **env)
+    assert code == 0, err
+    sim.add_runs(20)
+    code, _, err = run_cli(sim, "sync", "-q", **env)
+    assert code == 0, err
+    assert [r["mode"] for r in read_warehouse(db).ledger] == ["full", "incremental"]
+    assert_mirror(db, sim)
+    code, out, err = run_cli(sim, "export", **env)
+    assert code == 0, err
+    assert "exported 270 runs" in out
+    code, _, err = run_cli(sim, "report", "-q", **env)
+    assert code == 0, err
+    assert "Runs per day by status" in (folder / "report.html").read_text()
+    con = duckdb.connect(str(parquet / "analytics.duckdb"), read_only=True)
+    try:
+        assert con.execute("SELECT count(*) FROM runs").fetchall() == [(270,)]
+    finally:
+        con.close()
+    assert Path(parquet / "current").is_symlink()
