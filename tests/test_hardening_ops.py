@@ -4,10 +4,13 @@ exit code, the warehouse at its previous commit), never a traceback or a flood o
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import duckdb
-from helpers import assert_mirror, read_warehouse
+from helpers import assert_mirror, error_line, ledger, read_warehouse
+
+from runs_etl.errors import EXIT_FAILURE
 
 # --- 22. glob characters in the warehouse path ------------------------------------------------
 
@@ -37,3 +40,21 @@ def test_a_warehouse_path_with_glob_characters_syncs_exports_and_reports(make_si
     finally:
         con.close()
     assert Path(parquet / "current").is_symlink()
+
+
+# --- 23. an export failing after a sync keeps its error type in the log -----------------------
+
+def test_an_export_failure_after_a_sync_logs_its_real_error_type(make_sim, run_cli, tmp_path):
+    parquet = tmp_path / "parquet"
+    parquet.mkdir()
+    (parquet / "current").write_text("not the link runs-etl maintains")
+    code, _, err = run_cli(make_sim(50), "sync", "-q", "--log-format", "json",
+                           RUNS_ETL_PARQUET_DIR=str(parquet))
+    assert code == EXIT_FAILURE
+    assert "sync 1 was committed, but the Parquet export failed" in error_line(err)
+    failed = [json.loads(line) for line in err.splitlines()
+              if line.startswith("{") and json.loads(line).get("event") == "failed"]
+    assert len(failed) == 1, err
+    assert failed[0]["error_type"] == "WarehouseError"
+    assert "not the link runs-etl maintains" in failed[0]["msg"]
+    assert [r["outcome"] for r in ledger(tmp_path / "runs.duckdb")] == ["success"]

@@ -110,8 +110,15 @@ def _export_after_sync(settings: Settings, con, result: SyncResult) -> None:
     try:
         exported = export_parquet(settings, con=con)
     except RunsEtlError as e:
-        err = RunsEtlError(f"sync {result.sync_id} was committed, but the Parquet export "
-                           f"failed: {e}")
-        err.exit_code = e.exit_code
-        raise err from e
+        raise _with_message(e, f"sync {result.sync_id} was committed, but the Parquet export "
+                               f"failed: {e}") from e
     log.info("%s", exported)
+
+
+def _with_message(exc: RunsEtlError, message: str) -> RunsEtlError:
+    """A copy of ``exc`` (same class, exit code and context attributes) saying ``message``:
+    the log's ``error_type`` and the exit code stay those of the real failure."""
+    err = type(exc).__new__(type(exc))
+    err.__dict__.update(exc.__dict__)
+    err.args = (message,)
+    return err
