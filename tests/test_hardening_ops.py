@@ -58,3 +58,15 @@ def test_an_export_failure_after_a_sync_logs_its_real_error_type(make_sim, run_c
     assert failed[0]["error_type"] == "WarehouseError"
     assert "not the link runs-etl maintains" in failed[0]["msg"]
     assert [r["outcome"] for r in ledger(tmp_path / "runs.duckdb")] == ["success"]
+
+
+# --- 28. a quiet sync that succeeds says nothing ------------------------------------------------
+
+def test_a_quiet_sync_that_succeeds_writes_nothing(make_sim, run_cli):
+    sim = make_sim(120)
+    assert run_cli(sim, "sync")[0] == 0  # the first sync may warn about unknown API fields
+    sim.add_runs(7)
+    code, out, err = run_cli(sim, "sync", "-q")
+    assert (code, out, err) == (0, "", "")  # cron mails nothing
+    code, out, err = run_cli(sim, "sync")
+    assert code == 0 and "sync 3 success" in err  # without -q the summary line is there
