@@ -4,11 +4,19 @@ exit code, the warehouse at its previous commit), never a traceback or a flood o
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 
 import duckdb
-from helpers import assert_mirror, error_line, ledger, read_warehouse
+from helpers import (
+    assert_mirror,
+    error_line,
+    ledger,
+    read_warehouse,
+    remount,
+    small_tmpfs,
+)
 
 from runs_etl.errors import EXIT_FAILURE
 
@@ -70,3 +78,30 @@ def test_a_quiet_sync_that_succeeds_writes_nothing(make_sim, run_cli):
     assert (code, out, err) == (0, "", "")  # cron mails nothing
     code, out, err = run_cli(sim, "sync")
     assert code == 0 and "sync 3 success" in err  # without -q the summary line is there
+
+
+# --- 20. a report that cannot be written ----------------------------------------------------
+
+def test_a_report_into_a_read_only_folder_is_one_error_naming_the_path(make_sim, run_cli,
+                                                                      tmp_path, monkeypatch):
+    folder = tmp_path / "ro"
+    with small_tmpfs(folder, "64m") as mounted:
+        db = folder / "runs.duckdb"
+        code, _, err = run_cli(make_sim(60), "sync", "-q", RUNS_ETL_DUCKDB_PATH=str(db))
+        assert code == 0, err
+        if mounted:
+            remount(folder, "ro")
+        else:  # no mount here: writing or deleting in the folder fails as it would
+            def read_only(path, *a, **kw):
+                raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+            monkeypatch.setattr(Path, "write_text", read_only)
+            monkeypatch.setattr(Path, "unlink", read_only)
+        code, out, err = run_cli(None, "report", RUNS_ETL_DUCKDB_PATH=str(db))
+        if mounted:
+            remount(folder, "rw")
+    assert code == EXIT_FAILURE, err
+    line = error_line(err)
+    assert f"cannot write the report to {folder / 'report.html'}" in line
+    assert "Read-only file system" in line and "--out" in line
+    assert out == ""

@@ -6,6 +6,7 @@ font, no CDN, so the file opens offline and can be mailed or attached to a ticke
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections import defaultdict
@@ -393,6 +394,8 @@ def write_report(settings: Settings, out: Path | None = None, con=None) -> Path:
         tmp.write_text(page, encoding="utf-8")
         os.replace(tmp, out)  # a browser refreshing mid-write sees the old or the new report
     except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise RunsEtlError(f"cannot write the report to {out}: {e.strerror or e}") from None
+        with contextlib.suppress(OSError):  # on a read-only filesystem even this fails
+            tmp.unlink()
+        raise RunsEtlError(f"cannot write the report to {out}: {e.strerror or e}; choose "
+                           "another file with --out") from None
     return out
