@@ -4,13 +4,18 @@ exit code, the warehouse at its previous commit), never a traceback or a flood o
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
+import shutil
 from pathlib import Path
 
 import duckdb
+import pyarrow.parquet as pq
+import pytest
 from helpers import (
     assert_mirror,
+    dump_tables,
     error_line,
     ledger,
     read_warehouse,
@@ -18,7 +23,10 @@ from helpers import (
     small_tmpfs,
 )
 
+from runs_etl import jobs
+from runs_etl.engine import staging as staging_module
 from runs_etl.errors import EXIT_FAILURE
+from runs_etl.warehouse import publish
 
 # --- 22. glob characters in the warehouse path ------------------------------------------------
 
@@ -105,3 +113,77 @@ def test_a_report_into_a_read_only_folder_is_one_error_naming_the_path(make_sim,
     assert f"cannot write the report to {folder / 'report.html'}" in line
     assert "Read-only file system" in line and "--out" in line
     assert out == ""
+
+
+# --- 18. a full disk while staging or at commit -------------------------------------------------
+
+class CommitFailsOnFullDisk:
+    """The writer's connection, except that a commit fails as DuckDB's does when its WAL cannot
+    grow: the transaction is already rolled back when TransactionException is raised."""
+
+    def __init__(self, con):
+        self._con = con
+
+    def __getattr__(self, name):
+        return getattr(self._con, name)
+
+    def commit(self):
+        self._con.rollback()
+        raise duckdb.TransactionException('TransactionContext Error: Failed to commit: Could '
+                                          'not write file "x.wal": No space left on device')
+
+
+def _first_sync(sim, run_cli, db: Path) -> dict:
+    code, _, err = run_cli(sim, "sync", "-q", RUNS_ETL_DUCKDB_PATH=str(db))
+    assert code == 0, err
+    return dump_tables(db)
+
+
+@pytest.mark.parametrize("where", ["staging", "commit"])
+def test_a_full_disk_is_one_error_and_the_warehouse_keeps_its_previous_commit(
+        make_sim, run_cli, tmp_path, monkeypatch, where):
+    folder = tmp_path / "wh"
+    db = folder / "runs.duckdb"
+    sim = make_sim(80)
+    # staging: a tiny filesystem under the staging folder only; commit: a small one under the
+    # database, nearly filled, with room to stage elsewhere.
+    outer = small_tmpfs(folder, "32m") if where == "commit" else contextlib.nullcontext(False)
+    with outer as outer_mounted:
+        before = _first_sync(sim, run_cli, db)
+        sim.add_runs(3000)
+        staging = folder / ".runs.duckdb.work.staging"
+        inner = small_tmpfs(staging, "64k" if where == "staging" else "64m")
+        with inner as inner_mounted:
+            if where == "staging" and not inner_mounted:
+                real_write = pq.write_table
+
+                def disk_full(table, *a, **kw):
+                    if table.num_rows:
+                        raise OSError(errno.ENOSPC, "No space left on device")
+                    return real_write(table, *a, **kw)
+
+                monkeypatch.setattr(staging_module.pq, "write_table", disk_full)
+            ballast = folder / "ballast"
+            if where == "commit":
+                if outer_mounted and inner_mounted:
+                    free = shutil.disk_usage(folder).free
+                    ballast.write_bytes(b"\0" * (free - 96 * 1024))
+                else:
+                    monkeypatch.setattr(jobs, "open_working",
+                                        lambda *a, **kw: CommitFailsOnFullDisk(
+                                            publish.open_working(*a, **kw)))
+            code, out, err = run_cli(sim, "sync", "-q", RUNS_ETL_DUCKDB_PATH=str(db))
+            ballast.unlink(missing_ok=True)
+            monkeypatch.undo()
+        assert code == EXIT_FAILURE, err
+        line = error_line(err)
+        assert "no transaction is active" not in err
+        assert "nothing was committed" in line and "disk space" in line
+        if where == "staging":
+            assert "staged batches" in line
+        assert dump_tables(db) == before  # readers see the previous commit
+        # With room again, the next sync says what happened and lands everything.
+        code, _, err = run_cli(sim, "sync", "-q", RUNS_ETL_DUCKDB_PATH=str(db))
+        assert code == 0, err
+        assert [r["outcome"] for r in ledger(db)] == ["success", "failed", "success"]
+        assert_mirror(db, sim)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import glob
+import os
 import shutil
 import tempfile
 import time
@@ -20,6 +21,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..errors import WarehouseError
 from .client import FetchedPage
 from .models import TERMINAL_STATUSES
 from .normalize import RUN_NODES_SCHEMA, RUNS_SCHEMA, WORKFLOWS_SCHEMA, Batch, normalize
@@ -56,7 +58,10 @@ class Stage:
     def __init__(self, con, sync_id: int, directory: Path | None = None):
         self.con = con
         self.sync_id = sync_id
-        self.dir = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=directory))
+        try:
+            self.dir = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=directory))
+        except OSError as e:
+            raise _staging_failure(directory or Path(tempfile.gettempdir()), e) from None
         self._files = 0
         # An empty file per kind, so the views below always have something to read.
         self._write({k: s.empty_table() for k, s in _KINDS.items()})
@@ -71,10 +76,13 @@ class Stage:
     def _write(self, tables: dict[str, pa.Table]) -> None:
         n = self._files
         self._files += 1
-        for kind, table in tables.items():
-            if table.num_rows or n == 0:
-                pq.write_table(table, self.dir / f"{kind}-{n:06d}.parquet",
-                               compression="snappy")
+        try:
+            for kind, table in tables.items():
+                if table.num_rows or n == 0:
+                    pq.write_table(table, self.dir / f"{kind}-{n:06d}.parquet",
+                                   compression="snappy")
+        except OSError as e:
+            raise _staging_failure(self.dir, e) from None
 
     def add(self, batch: Batch, rejected: pa.Table | None = None) -> None:
         """Stage one batch; nothing touches the warehouse tables until ``merge``."""
@@ -123,6 +131,13 @@ class Stage:
         for view in ("stage_runs", "stage_workflows", "stage_nodes", "stage_rejected"):
             self.con.execute(f"DROP VIEW IF EXISTS {view}")
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _staging_failure(folder: Path, exc: OSError) -> WarehouseError:
+    """A full disk (or a folder gone read-only) while staging is an operating condition."""
+    detail = os.strerror(exc.errno) if exc.errno else str(exc).strip().splitlines()[0]
+    return WarehouseError(f"cannot write the sync's staged batches in {folder} ({detail}); "
+                          "nothing was committed. Check free disk space beside the database")
 
 
 class StagingSink:

@@ -88,7 +88,8 @@ def sync(settings: Settings, con, *, transport: httpx.AsyncBaseTransport | None 
     """Mirror the API into ``con`` in one transaction; the ledger records success or failure."""
     try:
         return _sync(settings, con, transport, progress, full_refresh, allow_mass_delete)
-    except (duckdb.OutOfMemoryException, duckdb.IOException) as exc:
+    except (duckdb.OutOfMemoryException, duckdb.IOException,
+            duckdb.TransactionException) as exc:  # a commit fails so when its WAL cannot grow
         raise _warehouse_failure(settings, exc) from exc
 
 
@@ -146,11 +147,14 @@ def _sync(settings: Settings, con, transport, progress, full_refresh: bool,
 
 def _record_failure(con, result: SyncResult, in_transaction: bool) -> None:
     """Roll back and write the ledger's ``failed`` row; neither may hide the original error
-    (a full disk can fail both: the row then stays ``running`` and the next sync marks it
+    (a full disk can fail the row: it then stays ``running`` and the next sync marks it
     abandoned)."""
-    try:
-        if in_transaction:
+    if in_transaction:
+        # A commit that failed (a full disk under the WAL) has already rolled back: there is
+        # nothing left to undo, and the ledger row can still be written.
+        with contextlib.suppress(duckdb.TransactionException):
             con.rollback()
+    try:
         ledger.close_attempt(con, result.sync_id, "failed", result.ledger_fields())
     except duckdb.Error as e:
         log.warning("could not record sync %s as failed: %s", result.sync_id,
