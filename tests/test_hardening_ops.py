@@ -8,24 +8,27 @@ import contextlib
 import errno
 import json
 import shutil
+import signal
 from pathlib import Path
 
 import duckdb
 import pyarrow.parquet as pq
 import pytest
 from helpers import (
+    Gate,
     assert_mirror,
     dump_tables,
     error_line,
     ledger,
     read_warehouse,
     remount,
+    settings_for,
     small_tmpfs,
 )
 
 from runs_etl import jobs
 from runs_etl.engine import staging as staging_module
-from runs_etl.errors import EXIT_FAILURE
+from runs_etl.errors import EXIT_FAILURE, EXIT_INTERRUPTED
 from runs_etl.warehouse import publish
 
 # --- 22. glob characters in the warehouse path ------------------------------------------------
@@ -187,3 +190,24 @@ def test_a_full_disk_is_one_error_and_the_warehouse_keeps_its_previous_commit(
         assert code == 0, err
         assert [r["outcome"] for r in ledger(db)] == ["success", "failed", "success"]
         assert_mirror(db, sim)
+
+
+# --- 19. SIGTERM: exit 130, one Error: line, nothing else -----------------------------------
+
+def test_sigterm_while_workers_fetch_is_one_error_line_and_exit_130(make_sim, sim_env, procs,
+                                                                    tmp_path):
+    sim = make_sim(3000)
+    db = tmp_path / "runs.duckdb"
+    jobs.run_sync(settings_for(sim, db), quiet=True)
+    before = dump_tables(db)
+    sim.add_runs(50)
+    held = Gate(sim, sim.list_request_count + 6)  # a full walk, its workers all in flight
+    sync = procs.cli(["sync", "--full-refresh"], sim_env(sim, RUNS_ETL_CONCURRENCY="8"))
+    held.wait_entered()
+    sync.popen.send_signal(signal.SIGTERM)
+    code = sync.finish()
+    held.open()
+    assert code == EXIT_INTERRUPTED, sync.output
+    assert error_line(sync.output) == "Error: interrupted; nothing partial was committed"
+    assert "Task exception" not in sync.output and "never retrieved" not in sync.output
+    assert dump_tables(db) == before
