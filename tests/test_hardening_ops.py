@@ -211,3 +211,48 @@ def test_sigterm_while_workers_fetch_is_one_error_line_and_exit_130(make_sim, si
     assert error_line(sync.output) == "Error: interrupted; nothing partial was committed"
     assert "Task exception" not in sync.output and "never retrieved" not in sync.output
     assert dump_tables(db) == before
+
+
+# A sync whose merge (or export after it) is one long DuckDB query, announced on stdout: the
+# signal arrives while DuckDB works, the case that printed "Query interrupted" and exited 1.
+SLOW_PHASE = """
+import sys
+from runs_etl import cli, jobs
+from runs_etl.engine import load
+
+def slow(real):
+    def phase(*args, **kw):
+        con = kw["con"] if "con" in kw else args[0]  # merge(con, ...), export_parquet(s, con=)
+        print("PHASE STARTED", flush=True)
+        con.execute("SELECT sum(a.range * b.range) FROM range(100000) a, range(1000000) b")
+        return real(*args, **kw)
+    return phase
+
+if sys.argv[1] == "merge":
+    load.merge = slow(load.merge)
+else:
+    jobs.export_parquet = slow(jobs.export_parquet)
+sys.exit(cli.main(["sync", "-q"]))
+"""
+
+
+@pytest.mark.parametrize("phase", ["merge", "export"])
+def test_sigterm_during_the_merge_or_the_export_exits_130(make_sim, sim_env, procs, tmp_path,
+                                                          phase):
+    sim = make_sim(200)
+    db, parquet = tmp_path / "runs.duckdb", tmp_path / "parquet"
+    env = sim_env(sim, RUNS_ETL_PARQUET_DIR=str(parquet))
+    assert procs.cli(["sync", "-q"], env).finish() == 0
+    before, exported = dump_tables(db), sorted(p.name for p in (parquet / "versions").iterdir())
+    sim.add_runs(30)
+    sync = procs.python(SLOW_PHASE.replace("sys.argv[1]", repr(phase)), env)
+    sync.wait_for("PHASE STARTED")
+    sync.popen.send_signal(signal.SIGTERM)
+    assert sync.finish() == EXIT_INTERRUPTED, sync.output
+    assert error_line(sync.output) == "Error: interrupted; nothing partial was committed"
+    if phase == "merge":  # nothing of the interrupted sync, but its ledger row
+        assert dump_tables(db) == before
+        assert [r["outcome"] for r in ledger(db)] == ["success", "failed"]
+    else:  # the sync stands; the export keeps its previous complete version
+        assert [r["outcome"] for r in ledger(db)] == ["success", "success"]
+        assert (parquet / "current").resolve().name == exported[-1]
