@@ -213,17 +213,26 @@ def test_sigterm_while_workers_fetch_is_one_error_line_and_exit_130(make_sim, si
     assert dump_tables(db) == before
 
 
-# A sync whose merge (or export after it) is one long DuckDB query, announced on stdout: the
-# signal arrives while DuckDB works, the case that printed "Query interrupted" and exited 1.
+# A sync whose merge (or export after it) starts with one long DuckDB query, announced on stdout
+# once DuckDB runs it: the signal arrives while DuckDB works, the case that printed "Query
+# interrupted" and exited 1.
 SLOW_PHASE = """
-import sys
+import sys, threading, time
 from runs_etl import cli, jobs
 from runs_etl.engine import load
+
+def announce(con):
+    while con.query_progress() < 0:  # -1: no query running yet
+        time.sleep(0.01)
+    print("PHASE STARTED", flush=True)
 
 def slow(real):
     def phase(*args, **kw):
         con = kw["con"] if "con" in kw else args[0]  # merge(con, ...), export_parquet(s, con=)
-        print("PHASE STARTED", flush=True)
+        threading.Thread(target=announce, args=(con,), daemon=True).start()
+        # One thread: DuckDB checks for signals between tasks, and with worker threads the
+        # main thread can wait out a whole pipeline before it looks.
+        con.execute("SET threads = 1")
         con.execute("SELECT sum(a.range * b.range) FROM range(100000) a, range(1000000) b")
         return real(*args, **kw)
     return phase
