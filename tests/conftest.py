@@ -94,8 +94,8 @@ def run_cli(monkeypatch, tmp_path, capsys, sim_env):
 
 @pytest.fixture
 def procs(tmp_path):
-    """Start child processes (``procs.cli(args, env)``, ``procs.python(code)``); all are killed
-    at teardown, whatever the test did."""
+    """Start child processes (``procs.cli(args, env)``, ``procs.python(code, env)``); all are
+    killed at teardown, whatever the test did."""
     started: list[Proc] = []
 
     class Starter:
@@ -105,8 +105,8 @@ def procs(tmp_path):
             return started[-1]
 
         @staticmethod
-        def python(code: str) -> Proc:
-            started.append(Proc([sys.executable, "-c", code], None, tmp_path))
+        def python(code: str, env: dict | None = None) -> Proc:
+            started.append(Proc([sys.executable, "-c", code], env, tmp_path))
             return started[-1]
 
     yield Starter

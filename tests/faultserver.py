@@ -14,6 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from fakeapi import make_runs
+
+# Server text that tries to forge an Error: line, clear the screen and break rich markup.
+HOSTILE = "bad size\nError: everything is fine\x1b[2J\x1b[31m[/]\r\u202e"
+
 
 @dataclass
 class Request:
@@ -33,6 +38,14 @@ class Reply:
 def json_reply(obj, status: int = 200, **headers: str) -> Reply:
     return Reply(status, json.dumps(obj).encode(), {"Content-Type": "application/json",
                                                     **headers})
+
+
+def page(n: int = 3, total: int | None = None, runs: list[dict] | None = None) -> Reply:
+    """One page of ``runs`` (default: ``make_runs(n)``) claiming ``total`` (default: its size)."""
+    runs = make_runs(n) if runs is None else runs
+    total = len(runs) if total is None else total
+    return json_reply({"items": runs, "total": total, "page": 1, "size": 100,
+                       "pages": max(1, -(-total // 100))})
 
 
 def redirect(location: str, status: int = 307) -> Reply:
@@ -85,6 +98,9 @@ class FaultServer:
         self.stopping = threading.Event()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
+        # A client that hangs up mid-body (as it should on a huge or slow one) is no news: no
+        # traceback on stderr, where the tests look for the product's.
+        self._httpd.handle_error = lambda request, client_address: None  # type: ignore
         self.port = self._httpd.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)

@@ -445,3 +445,24 @@ def handmade_warehouse(path: Path, *, views: bool = True) -> Path:
     finally:
         con.close()
     return path
+
+
+# --- real filesystem faults -------------------------------------------------------------------
+
+@contextmanager
+def small_tmpfs(folder: Path, size: str = "3m"):
+    """Mount a tmpfs of ``size`` on ``folder`` (root only) and yield True; yield False where
+    mounting is not permitted, so the caller injects the fault instead. Unmounted afterwards."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
+                              str(folder)], capture_output=True).returncode == 0
+    try:
+        yield mounted
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def remount(folder: Path, mode: str) -> None:
+    """``mode`` "ro" or "rw" for a folder ``small_tmpfs`` mounted."""
+    subprocess.run(["mount", "-o", f"remount,{mode}", str(folder)], check=True)

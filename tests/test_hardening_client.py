@@ -12,8 +12,8 @@ import re
 import duckdb
 import httpx
 import pytest
-from fakeapi import API_KEY, Sleeps, make_runs
-from faultserver import FaultServer, Reply, bad_gzip, json_reply, redirect
+from fakeapi import API_KEY, Sleeps
+from faultserver import HOSTILE, FaultServer, Reply, bad_gzip, json_reply, page, redirect
 
 from runs_etl.config import load_settings, redact_url
 from runs_etl.engine.client import MAX_REDIRECTS, ApiClient, FetchedPage
@@ -30,15 +30,7 @@ from runs_etl.errors import (
 )
 from runs_etl.warehouse.connect import connect
 
-HOSTILE = "bad size\nError: everything is fine\x1b[2J\x1b[31m[/]\r\u202e"
 GUARD = 60  # seconds: a hang fails the test instead of stalling the suite
-
-
-def page(n: int = 3, total: int | None = None) -> Reply:
-    runs = make_runs(n)
-    total = n if total is None else total
-    return json_reply({"items": runs, "total": total, "page": 1, "size": 100,
-                       "pages": max(1, -(-total // 100))})
 
 
 def settings_at(url: str, tmp_path, **api):

@@ -84,9 +84,9 @@ def test_json_formatter_keeps_tracebacks_in_one_line():
 def test_every_sync_logs_one_summary_line(make_sim, env, capsys, fmt):
     sim = make_sim(250)
     env(sim, RUNS_ETL_LOG_FORMAT=fmt)
-    assert cli.main(["sync", "--quiet"]) == 0
+    assert cli.main(["sync"]) == 0
     sim.add_runs(5)
-    assert cli.main(["sync", "--quiet"]) == 0
+    assert cli.main(["sync"]) == 0
     err = capsys.readouterr().err
     if fmt == "text":
         summaries = [line for line in err.splitlines() if "runs_etl.sync: sync " in line]

@@ -7,8 +7,10 @@ from datetime import UTC, datetime
 
 import pytest
 from fakeapi import make_run, make_runs
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from runs_etl.engine.models import EnvelopeError, Run, parse_page, parse_run
+from runs_etl.engine.models import EnvelopeError, ParsedPage, Run, parse_page, parse_run
 
 
 def body(items, **envelope) -> bytes:
@@ -179,3 +181,51 @@ def test_a_run_repeated_within_one_page_is_kept_once_in_its_last_form():
     page = parse_page(body([first, other, again]))
     assert [r.id for r in page.runs] == [first["id"], other["id"]]
     assert page.runs[0].status == "completed" and page.runs[0].progress == 100
+
+
+# --- property: whatever a server sends, the validator answers with a page or a data error ------
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True)
+    | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner,
+                                                                 max_size=4),
+    max_leaves=20)
+GOOD = body(make_runs(3))
+RUN_KEYS = sorted(make_run(0))
+
+
+@st.composite
+def mutated_pages(draw) -> bytes:
+    """A valid page body, then bytes flipped, cut, inserted or a field replaced by any JSON."""
+    kind = draw(st.sampled_from(["bytes", "cut", "insert", "field", "envelope"]))
+    data = bytearray(GOOD)
+    if kind == "bytes":
+        for _ in range(draw(st.integers(1, 8))):
+            data[draw(st.integers(0, len(data) - 1))] = draw(st.integers(0, 255))
+    elif kind == "cut":
+        del data[draw(st.integers(0, len(data) - 1)):]
+    elif kind == "insert":
+        at = draw(st.integers(0, len(data)))
+        data[at:at] = draw(st.binary(min_size=1, max_size=20))
+    else:
+        doc = json.loads(GOOD)
+        if kind == "field":
+            doc["items"][draw(st.integers(0, 2))][draw(st.sampled_from(RUN_KEYS))] = \
+                draw(JSON_VALUES)
+        else:
+            doc[draw(st.sampled_from(["items", "total", "pages", "page", "size"]))] = \
+                draw(JSON_VALUES)
+        data = bytearray(json.dumps(doc).encode())
+    return bytes(data)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(st.binary(max_size=300), mutated_pages()))
+def test_any_body_is_a_page_or_a_data_error(raw: bytes):
+    try:
+        page = parse_page(raw)
+    except EnvelopeError:
+        return  # the response is broken: retried, then one clear error
+    assert isinstance(page, ParsedPage)
+    assert all(isinstance(r, Run) for r in page.runs)

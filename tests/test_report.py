@@ -6,7 +6,7 @@ import os
 import re
 import shutil
 import subprocess
-from datetime import UTC, timedelta
+from datetime import UTC, date, datetime, timedelta
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -16,7 +16,13 @@ from helpers import LIVE, SYNCS, TERMINAL, handmade_warehouse, insert_fixture, s
 from runs_etl import warehouse
 from runs_etl.cli import main
 from runs_etl.errors import WarehouseError
-from runs_etl.outputs.report import DAYS_SHOWN, write_report
+from runs_etl.outputs.report import (
+    DAYS_SHOWN,
+    ReportData,
+    chart_failure_rate,
+    chart_runs_per_day,
+    write_report,
+)
 
 CHARTS = ("chart-runs-per-day", "chart-failure-rate", "chart-duration-percentiles",
           "chart-slowest", "chart-most-failing")
@@ -236,3 +242,58 @@ def test_each_workspace_section_shows_that_workspaces_numbers(two_workspaces):
     assert "3 failed since the last success" in parts["b"]
     assert parts["all"].count("<td>b / Invoice extraction</td>") == 1  # rows name workspaces
     assert "HTTP 401" in parts["b"] and "HTTP 401" not in parts["a"]
+
+
+# --- the partial last day and a phone's width (issue 9, item 29) ------------------------------
+
+def _three_days(generated_at: datetime, last: date) -> ReportData:
+    days = [last - timedelta(days=k) for k in (2, 1, 0)]
+    return ReportData(
+        generated_at=generated_at, stuck_after=3600,
+        status_daily=[{"created_date": d, "status": s, "runs": 10}
+                      for d in days for s in ("completed", "failed")],
+        failure_daily=[{"created_date": d, "workflow_type": "flow", "failed": 1, "finished": 10}
+                       for d in days])
+
+
+def _marked(svg: str) -> list[str]:
+    """The elements drawn as partial, by tag."""
+    return re.findall(r'<(\w+)[^>]* class="partial"', svg)
+
+
+def test_todays_partial_day_is_drawn_apart_and_labelled():
+    now = datetime(2024, 5, 3, 9, 30, tzinfo=UTC)
+    d = _three_days(now, now.date())
+    bars, rate = chart_runs_per_day(d), chart_failure_rate(d)
+    assert _marked(bars) == ["rect", "rect"]  # both segments of today's bar, no others
+    assert all("2024-05-03" in t for t in re.findall(r'class="partial"[^>]*><title>(.*?)</title>',
+                                                      bars))
+    assert _marked(rate) == ["polyline"] * 2  # the dashed last segment of each line
+    for svg in (bars, rate):
+        assert "today, partial" in svg.split("<figcaption>")[0]  # on the chart
+        assert "today, partial" in svg.split("<figcaption>")[1]  # and in the caption
+    # Every solid line stops before today; its dashed segment joins the last whole day to it.
+    solid = re.findall(r'<polyline points="([^"]*)"', rate)
+    dashed = re.findall(r'<polyline class="partial" points="([^"]*)"', rate)
+    assert all(len(p.split()) == 2 for p in solid) and all(len(p.split()) == 2 for p in dashed)
+    assert [s.split()[-1] for s in solid] == [p.split()[0] for p in dashed]
+
+
+def test_a_report_whose_last_day_is_over_marks_nothing():
+    now = datetime(2024, 5, 3, 9, 30, tzinfo=UTC)
+    d = _three_days(now, now.date() - timedelta(days=1))
+    for svg in (chart_runs_per_day(d), chart_failure_rate(d)):
+        assert _marked(svg) == [] and "partial" not in svg
+
+
+def test_charts_and_tables_scroll_on_a_phone_instead_of_shrinking_their_text(db):
+    html = write_report(settings_for_db(db)).read_text(encoding="utf-8")
+    css = re.search(r"<style>(.*?)</style>", html, re.S).group(1).replace("\n", "")
+    svg_rule = re.search(r"(?<![\w-])svg\{([^}]*)\}", css).group(1)
+    min_px = int(re.search(r"min-width:(\d+)px", svg_rule).group(1))
+    text_px = int(re.search(r"svg text\{font:(\d+)px", css).group(1))
+    viewbox_w = int(re.search(r'viewBox="0 0 (\d+) ', html).group(1))
+    assert text_px * min_px / viewbox_w >= 9  # never smaller on screen than 9 px
+    assert "overflow-x:auto" in re.search(r"(?<![\w-])figure\{([^}]*)\}", css).group(1)
+    assert html.count("<svg") == html.count("<figure>") == len(CHARTS)
+    assert html.count("<table>") == html.count('<div class="scroll"><table>') > 0

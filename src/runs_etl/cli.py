@@ -36,7 +36,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duckdb-path", type=Path, metavar="FILE", help="DuckDB database file")
     p.add_argument("--log-format", choices=["text", "json"], help="log line format")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar or report lines")
+    g.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress bar or report lines; log warnings and errors only")
     g.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
@@ -148,10 +149,18 @@ def settings_from_args(args: argparse.Namespace, env=None) -> Settings:
                       "lock_wait": getattr(args, "wait", None)},
         "export": {"parquet_dir": getattr(args, "parquet_dir", None)},
         "logging": {"format": getattr(args, "log_format", None),
-                    "level": "debug" if getattr(args, "verbose", False) else None},
+                    "level": _flag_level(args)},
     }
     return load_settings(getattr(args, "config", None), os.environ if env is None else env,
                          overrides)
+
+
+def _flag_level(args: argparse.Namespace) -> str | None:
+    """``-v`` is debug; ``-q`` is warnings and errors only, so a quiet cron job that succeeds
+    writes nothing at all (cron mails only failures)."""
+    if getattr(args, "verbose", False):
+        return "debug"
+    return "warning" if getattr(args, "quiet", False) else None
 
 
 def cmd_sync(args: argparse.Namespace) -> int:

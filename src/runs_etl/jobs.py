@@ -72,10 +72,13 @@ def run_syncs(settings: Settings, workspaces: Sequence[str] | None = None, *,
                 except BaseException:  # Ctrl-C / SIGTERM included: the ledger says what happened
                     _publish_after_failure(con, settings)  # so status shows the failed attempt
                     raise
+            synced = [o for o in outcomes if o.error is None]
+            if not synced:  # nothing committed but ledger rows: their failure is the news
+                _publish_after_failure(con, settings)
+                _raise_failures(outcomes)
             seconds = publish(con, wh)
             log.debug("published %s in %.3fs", wh.duckdb_path, seconds,
                       extra={"event": "published", "seconds": seconds})
-            synced = [o for o in outcomes if o.error is None]
             lake_failure = _write_lake(settings, con) if settings.lake.uri and synced else None
             if settings.export.parquet_dir is not None and synced:
                 _export_after_sync(settings, con, synced[-1].result)
@@ -209,8 +212,15 @@ def _export_after_sync(settings: Settings, con, result: SyncResult) -> None:
     try:
         exported = export_parquet(settings, con=con)
     except RunsEtlError as e:
-        err = RunsEtlError(f"sync {result.sync_id} was committed, but the Parquet export "
-                           f"failed: {e}")
-        err.exit_code = e.exit_code
-        raise err from e
+        raise _with_message(e, f"sync {result.sync_id} was committed, but the Parquet export "
+                               f"failed: {e}") from e
     log.info("%s", exported)
+
+
+def _with_message(exc: RunsEtlError, message: str) -> RunsEtlError:
+    """A copy of ``exc`` (same class, exit code and context attributes) saying ``message``:
+    the log's ``error_type`` and the exit code stay those of the real failure."""
+    err = type(exc).__new__(type(exc))
+    err.__dict__.update(exc.__dict__)
+    err.args = (message,)
+    return err

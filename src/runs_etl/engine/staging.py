@@ -10,6 +10,8 @@ verification, delete candidates and the merge.
 from __future__ import annotations
 
 import asyncio
+import glob
+import os
 import shutil
 import tempfile
 import time
@@ -20,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..config import DEFAULT_WORKSPACE
+from ..errors import WarehouseError
 from .client import FetchedPage
 from .models import TERMINAL_STATUSES
 from .normalize import RUN_NODES_SCHEMA, RUNS_SCHEMA, WORKFLOWS_SCHEMA, Batch, normalize
@@ -58,23 +61,31 @@ class Stage:
         self.con = con
         self.sync_id = sync_id
         self.workspace = workspace
-        self.dir = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=directory))
+        try:
+            self.dir = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=directory))
+        except OSError as e:
+            raise _staging_failure(directory or Path(tempfile.gettempdir()), e) from None
         self._files = 0
         # An empty file per kind, so the views below always have something to read.
         self._write({k: s.empty_table() for k, s in _KINDS.items()})
         for kind, view in (("runs", "stage_runs"), ("workflows", "stage_workflows"),
                            ("nodes", "stage_nodes"), ("rejected", "stage_rejected")):
-            glob = str(self.dir / f"{kind}-*.parquet").replace("'", "''")
+            # The folder derives from the database path, which may hold glob characters
+            # ("x[1]/runs.duckdb"): DuckDB reads them as a pattern unless escaped.
+            pattern = (glob.escape(str(self.dir)) + f"/{kind}-*.parquet").replace("'", "''")
             con.execute(f"CREATE OR REPLACE TEMP VIEW {view} AS "
-                        f"SELECT * FROM read_parquet('{glob}')")
+                        f"SELECT * FROM read_parquet('{pattern}')")
 
     def _write(self, tables: dict[str, pa.Table]) -> None:
         n = self._files
         self._files += 1
-        for kind, table in tables.items():
-            if table.num_rows or n == 0:
-                pq.write_table(table, self.dir / f"{kind}-{n:06d}.parquet",
-                               compression="snappy")
+        try:
+            for kind, table in tables.items():
+                if table.num_rows or n == 0:
+                    pq.write_table(table, self.dir / f"{kind}-{n:06d}.parquet",
+                                   compression="snappy")
+        except OSError as e:
+            raise _staging_failure(self.dir, e) from None
 
     def add(self, batch: Batch, rejected: pa.Table | None = None) -> None:
         """Stage one batch; nothing touches the warehouse tables until ``merge``."""
@@ -124,6 +135,13 @@ class Stage:
         for view in ("stage_runs", "stage_workflows", "stage_nodes", "stage_rejected"):
             self.con.execute(f"DROP VIEW IF EXISTS {view}")
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _staging_failure(folder: Path, exc: OSError) -> WarehouseError:
+    """A full disk (or a folder gone read-only) while staging is an operating condition."""
+    detail = os.strerror(exc.errno) if exc.errno else str(exc).strip().splitlines()[0]
+    return WarehouseError(f"cannot write the sync's staged batches in {folder} ({detail}); "
+                          "nothing was committed. Check free disk space beside the database")
 
 
 class StagingSink:

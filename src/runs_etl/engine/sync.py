@@ -12,12 +12,14 @@ import asyncio
 import contextlib
 import gc
 import logging
+import signal
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import duckdb
 import httpx
@@ -43,6 +45,8 @@ from .staging import Stage, StagingSink, staging_root
 from .walk import NullProgress, Progress, gather_or_cancel
 
 log = logging.getLogger("runs_etl.sync")
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -77,7 +81,7 @@ async def _extract(job: _Job, transport: httpx.AsyncBaseTransport | None, progre
     assert job.sink is not None
     client = ApiClient.from_settings(settings, transport=transport, shared=shared)
     if job.recorder is not None:
-        client.on_body = job.recorder.record
+        client.on_body = lambda *body: _record_body(job, *body)
     limit = settings.sync.max_duration
     reader = job.cur.cursor()  # sees the last commit while the walk stages data
     # A server can stall a sync for hours within every per-request limit (Retry-After, retries,
@@ -123,6 +127,69 @@ async def _extract_all(jobs: list[_Job], transports: Mapping[str, Any], progress
     await gather_or_cancel(one(job) for job in jobs)
 
 
+def _run(main: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run``, except that an interruption lets every task unwind before it goes on.
+
+    A signal handler that raises KeyboardInterrupt (``ops.signals``) would raise it wherever
+    the loop happens to be: inside one fetch task (whose traceback asyncio then prints as
+    "Task exception was never retrieved"), or inside a callback that swallows it. While the
+    loop runs, SIGTERM / SIGINT are delivered through the loop instead: the handler runs there,
+    and if it interrupts, the main task is cancelled (it cancels and awaits its workers and
+    closes the client) and the KeyboardInterrupt is raised once everything has ended."""
+    with asyncio.Runner() as runner:
+        loop = runner.get_loop()
+        task = loop.create_task(main)
+        interrupted: list[BaseException] = []
+        restore = _signals_through(loop, task, interrupted)
+        try:
+            return loop.run_until_complete(task)
+        except asyncio.CancelledError:
+            if interrupted:
+                raise interrupted[0] from None
+            raise
+        except KeyboardInterrupt:  # raised by other means (off the main thread, say)
+            task.cancel()
+            while not task.done():
+                # A task the interruption hit re-raises it when it ends: keep unwinding.
+                with contextlib.suppress(KeyboardInterrupt):
+                    loop.run_until_complete(task)
+            if not task.cancelled():
+                task.exception()  # retrieved: it is the interruption being raised here
+            raise
+        finally:
+            restore()
+
+
+def _signals_through(loop: asyncio.AbstractEventLoop, task: asyncio.Task,
+                     interrupted: list[BaseException]) -> Callable[[], None]:
+    """Run the installed SIGTERM / SIGINT handlers from ``loop``; one that raises
+    KeyboardInterrupt cancels ``task``. Returns what puts the handlers back."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    installed: dict[int, Callable] = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        handler = signal.getsignal(sig)
+        if not callable(handler):
+            continue  # default or ignored: the signal keeps doing what it did
+
+        def on_signal(sig: int = sig, handler: Callable = handler) -> None:
+            try:
+                handler(sig, None)
+            except KeyboardInterrupt as e:
+                interrupted.append(e)
+                task.cancel()
+
+        loop.add_signal_handler(sig, on_signal)
+        installed[sig] = handler
+
+    def restore() -> None:
+        for sig, handler in installed.items():
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, handler)
+
+    return restore
+
+
 @contextmanager
 def _fewer_gc_passes():
     """A walk allocates millions of short-lived, acyclic objects (parsed pages); the default
@@ -164,7 +231,8 @@ def sync_workspaces(settings: Settings, con, names: Sequence[str], *,
     try:
         migrate(con)
         ledger.mark_abandoned(con)
-    except (duckdb.OutOfMemoryException, duckdb.IOException) as exc:
+    except (duckdb.OutOfMemoryException, duckdb.IOException,
+            duckdb.TransactionException) as exc:  # a commit fails so when its WAL cannot grow
         raise _warehouse_failure(settings, exc) from exc
     jobs = [_open_job(settings, con, name, full_refresh, t_start) for name in names]
     try:
@@ -174,8 +242,8 @@ def sync_workspaces(settings: Settings, con, names: Sequence[str], *,
             job.sink = StagingSink(job.stage, settings.sync.batch_pages)
             job.recorder = _open_recorder(job)
         with _fewer_gc_passes():
-            asyncio.run(_extract_all(jobs, transports, progress or NullProgress(),
-                                     allow_mass_delete, settings.sync.max_requests_in_flight))
+            _run(_extract_all(jobs, transports, progress or NullProgress(),
+                              allow_mass_delete, settings.sync.max_requests_in_flight))
         for job in jobs:
             _load(job, allow_mass_delete)
     except BaseException as exc:  # an interruption (or a bug): every open attempt failed
@@ -214,19 +282,20 @@ def _load(job: _Job, allow_mass_delete: bool) -> None:
         cur.begin()
         try:
             _finish_load(job.stage, job.settings, result, job.extracted, allow_mass_delete)
-        except (duckdb.OutOfMemoryException, duckdb.IOException) as exc:
+            result.seconds_load = time.perf_counter() - t1 + job.sink.seconds
+            result.seconds_total = time.perf_counter() - job.t_start
+            result.outcome = "success"
+            ledger.close_attempt(cur, result.sync_id, "success", result.ledger_fields())
+            (loaded_at,) = cur.execute("SELECT now()").fetchall()[0]  # the merge's time stamps
+            cur.commit()
+        except (duckdb.OutOfMemoryException, duckdb.IOException,
+                duckdb.TransactionException) as exc:  # a commit fails so when its WAL can't grow
             raise _warehouse_failure(job.settings, exc) from exc
-        result.seconds_load = time.perf_counter() - t1 + job.sink.seconds
-        result.seconds_total = time.perf_counter() - job.t_start
-        result.outcome = "success"
-        ledger.close_attempt(cur, result.sync_id, "success", result.ledger_fields())
-        (loaded_at,) = cur.execute("SELECT now()").fetchall()[0]  # the merge's time stamps
-        cur.commit()
-        _keep_pages(job, loaded_at)
     except Exception as exc:  # this workspace's failure; the next one still loads
         job.error = exc
         _fail(job, exc, in_transaction=True)
         return
+    _keep_pages(job, loaded_at)
     log.info("%s", summary_line(result, job.name),
              extra={"event": "sync_finished", "sync_id": result.sync_id, "workspace": job.name,
                     "outcome": result.outcome, "sync": result.ledger_fields()})
@@ -248,9 +317,31 @@ def _open_recorder(job: _Job) -> pages.PageRecorder | None:
     if keep is None or str(db).startswith(":memory:"):
         return None
     root = pages.pages_root(db)
-    pages.prune(root, job.name, keep)
-    return pages.PageRecorder(root, job.name, job.result.sync_id,
-                              load.sync_started_at(job.cur, job.result.sync_id))
+    try:
+        pages.prune(root, job.name, keep)
+        return pages.PageRecorder(root, job.name, job.result.sync_id,
+                                  load.sync_started_at(job.cur, job.result.sync_id))
+    except OSError as e:
+        _pages_lost(job, e)
+        return None
+
+
+def _record_body(job: _Job, seq: int, kind: str, ref: int | str, body: bytes) -> None:
+    """Keep one body; a full disk under the page files costs the copy, never the sync."""
+    if job.recorder is None:
+        return
+    try:
+        job.recorder.record(seq, kind, ref, body)
+    except OSError as e:
+        job.recorder.discard()
+        job.recorder = None
+        _pages_lost(job, e)
+
+
+def _pages_lost(job: _Job, exc: OSError) -> None:
+    log.warning("sync %s (workspace %s): its raw pages are not kept (%s); the sync goes on, "
+                "and a replay will lack it", job.result.sync_id, job.name,
+                exc.strerror or exc, extra={"event": "pages_not_kept", "workspace": job.name})
 
 
 def _keep_pages(job: _Job, loaded_at: datetime) -> None:
@@ -262,8 +353,7 @@ def _keep_pages(job: _Job, loaded_at: datetime) -> None:
         job.recorder.commit(loaded_at, job.extracted.missing_ids)
     except OSError as e:
         job.recorder.discard()
-        log.warning("sync %s: could not keep its raw pages: %s", job.result.sync_id, e,
-                    extra={"event": "pages_not_kept", "workspace": job.name})
+        _pages_lost(job, e)
 
 
 def _close_job(job: _Job) -> None:
@@ -279,11 +369,14 @@ def _close_job(job: _Job) -> None:
 
 def _record_failure(con, result: SyncResult, in_transaction: bool) -> None:
     """Roll back and write the ledger's ``failed`` row; neither may hide the original error
-    (a full disk can fail both: the row then stays ``running`` and the next sync marks it
+    (a full disk can fail the row: it then stays ``running`` and the next sync marks it
     abandoned)."""
-    try:
-        if in_transaction:
+    if in_transaction:
+        # A commit that failed (a full disk under the WAL) has already rolled back: there is
+        # nothing left to undo, and the ledger row can still be written.
+        with contextlib.suppress(duckdb.TransactionException):
             con.rollback()
+    try:
         ledger.close_attempt(con, result.sync_id, "failed", result.ledger_fields())
     except duckdb.Error as e:
         log.warning("could not record sync %s as failed: %s", result.sync_id,

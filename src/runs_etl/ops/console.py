@@ -28,7 +28,9 @@ class BarProgress:
         self.bar = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("pages · {task.fields[rows]:,} runs · {task.fields[rate]:,.0f} runs/s"),
-            TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=True,
+            # Two bare clocks side by side read as one; say which is which.
+            TimeElapsedColumn(), TextColumn("elapsed ·"), TimeRemainingColumn(),
+            TextColumn("left"), console=self.console, transient=True,
         )
         self.task: TaskID | None = None
         self.rows = 0

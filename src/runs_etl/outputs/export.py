@@ -33,6 +33,7 @@ a reader's open connection is not pulled from under it by every export.
 
 from __future__ import annotations
 
+import glob
 import importlib.resources
 import json
 import os
@@ -189,6 +190,12 @@ def _sql_path(path: Path) -> str:
     return "'" + str(path).replace("'", "''") + "'"
 
 
+def _sql_glob(folder: Path, pattern: str) -> str:
+    """``folder/pattern`` for ``read_parquet``: glob characters in the folder ("x[1]") are
+    escaped, or DuckDB would read them as part of the pattern and find no file."""
+    return _sql_path(Path(glob.escape(str(folder))) / pattern)
+
+
 def _sql_texts() -> list[str]:
     """The ``sql/`` files' texts in the order ``apply_views`` runs them."""
     files = sorted((f for f in importlib.resources.files("runs_etl.sql").iterdir()
@@ -275,12 +282,12 @@ def _table_views(cur: Path) -> list[str]:
         # year and month are the layout's, not the warehouse's.
         "CREATE OR REPLACE VIEW runs AS SELECT * EXCLUDE (year, month), "
         "CAST(NULL AS TIMESTAMPTZ) AS _deleted_at "
-        f"FROM read_parquet({_sql_path(cur / 'runs' / '**' / '*.parquet')}, "
+        f"FROM read_parquet({_sql_glob(cur / 'runs', '**/*.parquet')}, "
         "hive_partitioning = true, hive_types_autocast = false);",
     ]
     for name in ("workflows", "run_nodes", *LEDGER_TABLES, *HISTORY_TABLES):
         stmts.append(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM "
-                     f"read_parquet({_sql_path(cur / name / '*.parquet')});")
+                     f"read_parquet({_sql_glob(cur / name, '*.parquet')});")
     return stmts
 
 

@@ -8,6 +8,7 @@ a table at the top (plain anchors: still no script).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -30,6 +31,10 @@ PERCENTILE_ROWS = 20  # the most-run workflows get a row in the percentile chart
 MIN_FINISHED = 5  # below this, a failure rate says little: left out of "most failing"
 STUCK_ROWS, SYNC_ROWS = 25, 10  # rows of the stuck-runs and last-syncs tables
 W, H = 920, 280  # chart size in SVG units (scaled by CSS to the page width)
+# Narrower than this (a phone), a chart scrolls sideways instead of shrinking its 11 px text
+# below ~9 px.
+MIN_CHART_PX = 760
+PARTIAL_NOTE = "today, partial"
 ML, MR, MT, MB = 56, 12, 16, 46  # margins: left, right, top, bottom
 REQUIRED_VIEWS = ("run_facts", "status_daily", "workflow_duration_stats", "failure_rate_daily",
                   "open_runs", "sync_health", "sync_history")
@@ -46,12 +51,13 @@ h1{font-size:22px;margin:8px 0 2px}h2{font-size:17px;margin:28px 0 6px;border-bo
 #ddd;padding-bottom:3px}.muted{color:#666}.cards{display:flex;flex-wrap:wrap;gap:10px;margin:14px 0}
 .card{background:#fff;border:1px solid #e0e0e0;border-radius:6px;padding:8px 14px;min-width:120px}
 .card b{display:block;font-size:20px}.bad b{color:#c62828}figure{margin:8px 0;background:#fff;
-border:1px solid #e0e0e0;border-radius:6px;padding:6px}svg{width:100%;height:auto;display:block}
+border:1px solid #e0e0e0;border-radius:6px;padding:6px;overflow-x:auto}
+svg{width:100%;height:auto;display:block;min-width:%MINpx}.scroll{overflow-x:auto}
 figcaption{font-size:12px;color:#666;padding:2px 6px}table{border-collapse:collapse;width:100%;
 background:#fff;font-size:13px;margin:6px 0}th,td{border-bottom:1px solid #eee;padding:3px 8px;
 text-align:left}td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}
 svg text{font:11px system-ui,sans-serif;fill:#444}.grid{stroke:#eee}
-"""
+""".replace("%MIN", str(MIN_CHART_PX))
 
 
 @dataclass
@@ -166,7 +172,8 @@ def _table(headers: list[str], rows: list[list], numeric: AbstractSet[int] = fro
                                     for i, c in enumerate(r)) + "</tr>" for r in rows)
     if not rows:
         body = f'<tr><td colspan="{len(headers)}" class="muted">none</td></tr>'
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return (f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody>'
+            "</table></div>")
 
 
 # --- SVG charts ------------------------------------------------------------------------------
@@ -221,6 +228,16 @@ def _colors(names) -> dict[str, str]:
     return {n: STATUS_COLORS.get(n) or next(others) for n in names}
 
 
+def _partial(days: list[date], d: ReportData) -> bool:
+    """Is the last day shown today (UTC), still filling up as the report is made?"""
+    return bool(days) and days[-1] == d.generated_at.astimezone(UTC).date()
+
+
+def _partial_label(x: float, y: float) -> str:
+    return (f'<text class="partial-label" x="{x:.1f}" y="{y:.1f}" text-anchor="end">'
+            f"{PARTIAL_NOTE}</text>")
+
+
 def chart_runs_per_day(d: ReportData) -> str:
     days = sorted({r["created_date"] for r in d.status_daily})
     cap = f"Runs created per UTC day, stacked by current status (last {DAYS_SHOWN} days with data)."
@@ -236,16 +253,25 @@ def chart_runs_per_day(d: ReportData) -> str:
     ticks = _nice_ticks(max(sum(v.values()) for v in per_day.values()))
     y, x = _linear(0, ticks[-1], H - MB, MT), _linear(0, len(days), ML, W - MR)
     bw = (W - ML - MR) / len(days)
+    partial = _partial(days, d)
     parts = [_y_axis(ticks, y, lambda t: f"{t:,.0f}")]
     for i, day in enumerate(days):
         base = 0
+        # Today's bar is still growing: lighter, outlined dashed, and labelled as such.
+        look = ' class="partial" fill-opacity="0.4" stroke-dasharray="3 2"' \
+            if partial and i == len(days) - 1 else ""
+        note = f" ({PARTIAL_NOTE})" if look else ""
         for s in statuses:
             n = per_day[day].get(s, 0)
             if n:
                 parts.append(f'<rect x="{x(i) + bw * 0.1:.1f}" y="{y(base + n):.1f}" '
                              f'width="{bw * 0.8:.1f}" height="{y(base) - y(base + n):.1f}" '
-                             f'fill="{colors[s]}"><title>{day} {escape(s)}: {n:,}</title></rect>')
+                             f'fill="{colors[s]}" stroke="{colors[s]}"{look}><title>{day} '
+                             f"{escape(s)}: {n:,}{note}</title></rect>")
             base += n
+    if partial:
+        cap += f" The last day is today ({PARTIAL_NOTE}): drawn lighter."
+        parts.append(_partial_label(W - MR, MT - 4))
     parts += [_x_days(days, x, bw), _legend(statuses, colors)]
     return _svg("chart-runs-per-day", "Runs per day by status", "".join(parts), cap)
 
@@ -268,17 +294,32 @@ def chart_failure_rate(d: ReportData) -> str:
     y, x = _linear(0, ticks[-1], H - MB, MT), _linear(0, len(days), ML, W - MR)
     step = (W - ML - MR) / len(days)
     parts = [_y_axis(ticks, y, lambda t: f"{t:.0%}" if ticks[-1] >= 0.05 else f"{t:.1%}")]
+    today = days[-1] if _partial(days, d) else None
     for name in names:
         pts = [(x(i) + step / 2, y(sums[name][day][0] / sums[name][day][1]), day)
                for i, day in enumerate(days) if sums[name][day][1]]
-        path = " ".join(f"{px:.1f},{py:.1f}" for px, py, _ in pts)
-        parts.append(f'<polyline points="{path}" fill="none" stroke="{colors[name]}" stroke-'
-                     f'width="{2.5 if name == "all" else 1.2}"><title>{escape(name)}</title>'
+        # Today's rate rests on the runs finished so far: its segment is dashed.
+        whole = [p for p in pts if p[2] != today]
+        width = 2.5 if name == "all" else 1.2
+        stroke = f'fill="none" stroke="{colors[name]}" stroke-width="{width}"'
+        path = " ".join(f"{px:.1f},{py:.1f}" for px, py, _ in whole)
+        parts.append(f'<polyline points="{path}" {stroke}><title>{escape(name)}</title>'
                      "</polyline>")
+        if pts and pts[-1][2] == today:
+            tail = " ".join(f"{px:.1f},{py:.1f}" for px, py, _ in pts[-2:])
+            parts.append(f'<polyline class="partial" points="{tail}" {stroke} '
+                         f'stroke-dasharray="5 4"><title>{escape(name)} ({PARTIAL_NOTE})'
+                         "</title></polyline>")
         if name == "all":
-            parts += [f'<circle cx="{px:.1f}" cy="{py:.1f}" r="2.5" fill="{colors[name]}">'
+            parts += [f'<circle cx="{px:.1f}" cy="{py:.1f}" r="2.5" fill="'
+                      f'{"#fff" if day == today else colors[name]}" stroke="{colors[name]}">'
                       f"<title>{day}: {sums[name][day][0]:,} failed of "
-                      f"{sums[name][day][1]:,} finished</title></circle>" for px, py, day in pts]
+                      f"{sums[name][day][1]:,} finished"
+                      f"{f' ({PARTIAL_NOTE})' if day == today else ''}</title></circle>"
+                      for px, py, day in pts]
+    if today is not None:
+        cap += f" The last day is today ({PARTIAL_NOTE}): its segment is dashed."
+        parts.append(_partial_label(W - MR, MT - 4))
     parts += [_x_days(days, x, step), _legend(names, colors)]
     return _svg("chart-failure-rate", "Failure rate over time", "".join(parts), cap)
 
@@ -490,6 +531,8 @@ def write_report(settings: Settings, out: Path | None = None, con=None) -> Path:
         tmp.write_text(page, encoding="utf-8")
         os.replace(tmp, out)  # a browser refreshing mid-write sees the old or the new report
     except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise RunsEtlError(f"cannot write the report to {out}: {e.strerror or e}") from None
+        with contextlib.suppress(OSError):  # on a read-only filesystem even this fails
+            tmp.unlink()
+        raise RunsEtlError(f"cannot write the report to {out}: {e.strerror or e}; choose "
+                           "another file with --out") from None
     return out
