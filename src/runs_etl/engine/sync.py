@@ -12,10 +12,8 @@ import asyncio
 import contextlib
 import gc
 import logging
-import signal
-import threading
 import time
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -41,6 +39,7 @@ from .extract import (
     extract,
     plan_sync,
 )
+from .loop import run_interruptibly
 from .staging import Stage, StagingSink, staging_root
 from .walk import NullProgress, Progress, gather_or_cancel
 
@@ -127,69 +126,6 @@ async def _extract_all(jobs: list[_Job], transports: Mapping[str, Any], progress
     await gather_or_cancel(one(job) for job in jobs)
 
 
-def _run(main: Coroutine[Any, Any, T]) -> T:
-    """``asyncio.run``, except that an interruption lets every task unwind before it goes on.
-
-    A signal handler that raises KeyboardInterrupt (``ops.signals``) would raise it wherever
-    the loop happens to be: inside one fetch task (whose traceback asyncio then prints as
-    "Task exception was never retrieved"), or inside a callback that swallows it. While the
-    loop runs, SIGTERM / SIGINT are delivered through the loop instead: the handler runs there,
-    and if it interrupts, the main task is cancelled (it cancels and awaits its workers and
-    closes the client) and the KeyboardInterrupt is raised once everything has ended."""
-    with asyncio.Runner() as runner:
-        loop = runner.get_loop()
-        task = loop.create_task(main)
-        interrupted: list[BaseException] = []
-        restore = _signals_through(loop, task, interrupted)
-        try:
-            return loop.run_until_complete(task)
-        except asyncio.CancelledError:
-            if interrupted:
-                raise interrupted[0] from None
-            raise
-        except KeyboardInterrupt:  # raised by other means (off the main thread, say)
-            task.cancel()
-            while not task.done():
-                # A task the interruption hit re-raises it when it ends: keep unwinding.
-                with contextlib.suppress(KeyboardInterrupt):
-                    loop.run_until_complete(task)
-            if not task.cancelled():
-                task.exception()  # retrieved: it is the interruption being raised here
-            raise
-        finally:
-            restore()
-
-
-def _signals_through(loop: asyncio.AbstractEventLoop, task: asyncio.Task,
-                     interrupted: list[BaseException]) -> Callable[[], None]:
-    """Run the installed SIGTERM / SIGINT handlers from ``loop``; one that raises
-    KeyboardInterrupt cancels ``task``. Returns what puts the handlers back."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-    installed: dict[int, Callable] = {}
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        handler = signal.getsignal(sig)
-        if not callable(handler):
-            continue  # default or ignored: the signal keeps doing what it did
-
-        def on_signal(sig: int = sig, handler: Callable = handler) -> None:
-            try:
-                handler(sig, None)
-            except KeyboardInterrupt as e:
-                interrupted.append(e)
-                task.cancel()
-
-        loop.add_signal_handler(sig, on_signal)
-        installed[sig] = handler
-
-    def restore() -> None:
-        for sig, handler in installed.items():
-            loop.remove_signal_handler(sig)
-            signal.signal(sig, handler)
-
-    return restore
-
-
 @contextmanager
 def _fewer_gc_passes():
     """A walk allocates millions of short-lived, acyclic objects (parsed pages); the default
@@ -242,7 +178,7 @@ def sync_workspaces(settings: Settings, con, names: Sequence[str], *,
             job.sink = StagingSink(job.stage, settings.sync.batch_pages)
             job.recorder = _open_recorder(job)
         with _fewer_gc_passes():
-            _run(_extract_all(jobs, transports, progress or NullProgress(),
+            run_interruptibly(_extract_all(jobs, transports, progress or NullProgress(),
                               allow_mass_delete, settings.sync.max_requests_in_flight))
         for job in jobs:
             _load(job, allow_mass_delete)
