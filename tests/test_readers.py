@@ -16,7 +16,7 @@ from pathlib import Path
 
 import duckdb
 import pytest
-from helpers import assert_mirror, dump_tables, ledger, settings_for
+from helpers import assert_mirror, dump_tables, error_line, ledger, settings_for
 
 from runs_etl import jobs
 from runs_etl.config import DEFAULT_STORAGE_COMPATIBILITY
@@ -248,3 +248,20 @@ def test_the_duckdb_1x_cli_opens_the_published_file_and_runs_the_readme_queries(
     out = subprocess.run([str(cli), "-readonly", "-json", str(db), "-c", health],
                          capture_output=True, text=True, timeout=60)
     assert json.loads(out.stdout) == [{"last_success_sync_id": 1, "fresh": True}]
+
+
+def test_readers_of_a_snapshot_from_an_older_runs_etl_are_told_to_sync_once(make_sim, tmp_path,
+                                                                           run_cli):
+    """Upgrade runs-etl, run status before the next sync: a clear error, not a traceback."""
+    sim = make_sim(20)
+    db = tmp_path / "runs.duckdb"
+    jobs.run_sync(settings_for(sim, db), quiet=True)
+    os.chmod(db, 0o644)
+    con = duckdb.connect(str(db))
+    con.execute("DELETE FROM schema_migrations WHERE version > 1")  # as if published by v1
+    con.close()
+    for command in (["status"], ["status", "--json"], ["report"]):
+        code, _, err = run_cli(sim, *command)
+        assert code == 1 and "run `runs-etl sync` once to migrate it" in error_line(err)
+    assert jobs.run_sync(settings_for(sim, db), quiet=True).outcome == "success"
+    assert run_cli(sim, "status")[0] == 0

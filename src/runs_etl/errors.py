@@ -158,3 +158,8 @@ class WorkspacesFailed(RunsEtlError):
         kept = f" ({', '.join(synced)} synced and committed)" if synced else ""
         super().__init__(f"{len(failures)} workspace(s) failed{kept}: " + "; ".join(
             f"{name}: {err}" for name, err in failures.items()))
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's first line (libraries such as DuckDB add context lines), or its type."""
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -23,7 +23,7 @@ import duckdb
 import httpx
 
 from ..config import DEFAULT_WORKSPACE, Settings, redact_url
-from ..errors import DataError, DeadlineError, WarehouseError
+from ..errors import DataError, DeadlineError, WarehouseError, first_line
 from ..warehouse import ledger
 from ..warehouse.ledger import SyncResult
 from ..warehouse.migrations import migrate
@@ -316,13 +316,13 @@ def _record_failure(con, result: SyncResult, in_transaction: bool) -> None:
         ledger.close_attempt(con, result.sync_id, "failed", result.ledger_fields())
     except duckdb.Error as e:
         log.warning("could not record sync %s as failed: %s", result.sync_id,
-                    str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__,
+                    first_line(e),
                     extra={"event": "ledger_write_failed"})
 
 
 def _warehouse_failure(settings: Settings, exc: Exception) -> WarehouseError:
     """DuckDB running out of memory or disk is an operating condition, not a bug."""
-    detail = str(exc).strip().splitlines()[0]
+    detail = first_line(exc)
     if isinstance(exc, duckdb.OutOfMemoryException):
         return WarehouseError(
             f"DuckDB ran out of memory ({detail}); nothing was committed. Raise "

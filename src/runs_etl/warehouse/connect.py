@@ -14,7 +14,8 @@ from pathlib import Path
 import duckdb
 
 from ..config import MEMORY_LIMIT, WarehouseSettings
-from ..errors import ConfigError, LockedError, WarehouseError
+from ..errors import ConfigError, LockedError, WarehouseError, first_line
+from .migrations import check_readable
 
 # A file holding these tables was written by runs-etl.
 REQUIRED_TABLES = ("runs", "workflows", "run_nodes", "sync_runs")
@@ -82,10 +83,6 @@ def sql_string(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def first_line(e: BaseException) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-
-
 def open_read_only(wh: WarehouseSettings):
     """Open the warehouse read-only: never creates a file, never takes the writer's lock. A
     missing file or a file that is not ours is WarehouseError."""
@@ -101,4 +98,9 @@ def open_read_only(wh: WarehouseSettings):
         con.close()
         raise WarehouseError(f"{path} is not a runs-etl warehouse (no {', '.join(missing)} "
                              "table): run `runs-etl sync` first")
+    try:
+        check_readable(con, path)
+    except WarehouseError:
+        con.close()
+        raise
     return con

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import duckdb
 
-from ..errors import WarehouseError
-from .connect import first_line
+from ..errors import WarehouseError, first_line
 
 MIGRATIONS: list[tuple[int, str, str]] = [
     (1, "core tables", """
@@ -96,8 +95,25 @@ def migrate(con) -> list[int]:
             con.rollback()
             raise WarehouseError(f"migration {version} ({name}) failed: {first_line(e)}") from None
         applied.append(version)
-    latest = max(v for v, _, _ in MIGRATIONS)
+    latest = latest_version()
     if done and max(done) > latest:
         raise WarehouseError(f"the warehouse is at schema version {max(done)}, newer than this "
                              f"runs-etl ({latest}): upgrade runs-etl")
     return applied
+
+
+def latest_version() -> int:
+    return max(v for v, _, _ in MIGRATIONS)
+
+
+def check_readable(con, path) -> None:
+    """A reader's file must be at this runs-etl's schema: an older one (published before an
+    upgrade) is migrated by the next sync, a newer one needs a newer runs-etl."""
+    (version,) = con.execute("SELECT max(version) FROM schema_migrations").fetchall()[0]
+    latest = latest_version()
+    if version is None or version < latest:
+        raise WarehouseError(f"{path} was written by an older runs-etl (schema v{version}, this "
+                             f"one reads v{latest}): run `runs-etl sync` once to migrate it")
+    if version > latest:
+        raise WarehouseError(f"{path} is at schema v{version}, newer than this runs-etl "
+                             f"({latest}): upgrade runs-etl")

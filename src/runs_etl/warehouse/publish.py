@@ -32,8 +32,8 @@ from pathlib import Path
 import duckdb
 
 from ..config import WarehouseSettings
-from ..errors import LockedError, WarehouseError
-from .connect import connect, first_line, sql_string
+from ..errors import LockedError, WarehouseError, first_line
+from .connect import connect, sql_string
 
 log = logging.getLogger("runs_etl.publish")
 
