@@ -16,13 +16,8 @@ from helpers import LIVE, SYNCS, TERMINAL, handmade_warehouse, insert_fixture, s
 from runs_etl import warehouse
 from runs_etl.cli import main
 from runs_etl.errors import WarehouseError
-from runs_etl.outputs.report import (
-    DAYS_SHOWN,
-    ReportData,
-    chart_failure_rate,
-    chart_runs_per_day,
-    write_report,
-)
+from runs_etl.outputs.charts import chart_failure_rate, chart_runs_per_day
+from runs_etl.outputs.report import DAYS_SHOWN, write_report
 
 CHARTS = ("chart-runs-per-day", "chart-failure-rate", "chart-duration-percentiles",
           "chart-slowest", "chart-most-failing")
@@ -246,14 +241,15 @@ def test_each_workspace_section_shows_that_workspaces_numbers(two_workspaces):
 
 # --- the partial last day and a phone's width (issue 9, item 29) ------------------------------
 
-def _three_days(generated_at: datetime, last: date) -> ReportData:
+def _three_days(generated_at: datetime, last: date) -> tuple[str, str]:
+    """The runs-per-day and failure-rate charts of three days ending ``last``."""
     days = [last - timedelta(days=k) for k in (2, 1, 0)]
-    return ReportData(
-        generated_at=generated_at, stuck_after=3600,
-        status_daily=[{"created_date": d, "status": s, "runs": 10}
-                      for d in days for s in ("completed", "failed")],
-        failure_daily=[{"created_date": d, "workflow_type": "flow", "failed": 1, "finished": 10}
-                       for d in days])
+    status_daily = [{"created_date": d, "status": s, "runs": 10}
+                    for d in days for s in ("completed", "failed")]
+    failure_daily = [{"created_date": d, "workflow_type": "flow", "failed": 1, "finished": 10}
+                     for d in days]
+    return (chart_runs_per_day(status_daily, generated_at, DAYS_SHOWN),
+            chart_failure_rate(failure_daily, generated_at))
 
 
 def _marked(svg: str) -> list[str]:
@@ -263,8 +259,7 @@ def _marked(svg: str) -> list[str]:
 
 def test_todays_partial_day_is_drawn_apart_and_labelled():
     now = datetime(2024, 5, 3, 9, 30, tzinfo=UTC)
-    d = _three_days(now, now.date())
-    bars, rate = chart_runs_per_day(d), chart_failure_rate(d)
+    bars, rate = _three_days(now, now.date())
     assert _marked(bars) == ["rect", "rect"]  # both segments of today's bar, no others
     assert all("2024-05-03" in t for t in re.findall(r'class="partial"[^>]*><title>(.*?)</title>',
                                                       bars))
@@ -281,8 +276,7 @@ def test_todays_partial_day_is_drawn_apart_and_labelled():
 
 def test_a_report_whose_last_day_is_over_marks_nothing():
     now = datetime(2024, 5, 3, 9, 30, tzinfo=UTC)
-    d = _three_days(now, now.date() - timedelta(days=1))
-    for svg in (chart_runs_per_day(d), chart_failure_rate(d)):
+    for svg in _three_days(now, now.date() - timedelta(days=1)):
         assert _marked(svg) == [] and "partial" not in svg
 
 
