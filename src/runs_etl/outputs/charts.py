@@ -97,6 +97,24 @@ def _partial_label(x: float, y: float) -> str:
             f"{PARTIAL_NOTE}</text>")
 
 
+def _log_axis(lo: float, hi: float, left: float, height: float):
+    """A log-scale duration axis covering [lo, hi] from ``left``: (x, its grid and labels).
+    ``x`` puts anything below the first tick on it (a zero wait, say)."""
+    first = max([i for i, (t, _) in enumerate(DURATION_TICKS) if t <= lo] or [0])
+    last = min([i for i, (t, _) in enumerate(DURATION_TICKS) if t >= hi] or [-1])
+    end = len(DURATION_TICKS) if last == -1 else max(last + 1, first + 2)
+    ticks = DURATION_TICKS[first:end]
+    log_x = _linear(math.log10(ticks[0][0]), math.log10(ticks[-1][0]), left, W - MR - 20)
+
+    def x(v: float) -> float:
+        return log_x(math.log10(max(v, ticks[0][0])))
+
+    grid = "".join(f'<line class="grid" x1="{x(t):.1f}" x2="{x(t):.1f}" y1="{MT}" '
+                   f'y2="{height - MB}"/><text x="{x(t):.1f}" y="{height - MB + 16}" '
+                   f'text-anchor="middle">{label}</text>' for t, label in ticks)
+    return x, grid
+
+
 # --- charts ------------------------------------------------------------------------------------
 
 def chart_runs_per_day(status_daily: list[dict], generated_at: datetime, days_shown: int) -> str:
@@ -197,19 +215,9 @@ def chart_duration_percentiles(workflows: list[dict]) -> str:
         return _svg("chart-duration-percentiles", "Duration percentiles per workflow", "", cap,
                     height)
     left = 230
-    lo, hi = min(w["p50_seconds"] for w in rows), max(w["max_seconds"] for w in rows)
-    first = max([i for i, (t, _) in enumerate(DURATION_TICKS) if t <= lo] or [0])
-    last = min([i for i, (t, _) in enumerate(DURATION_TICKS) if t >= hi] or [-1])
-    end = len(DURATION_TICKS) if last == -1 else max(last + 1, first + 2)
-    ticks = DURATION_TICKS[first:end]
-    log_x = _linear(math.log10(ticks[0][0]), math.log10(ticks[-1][0]), left, W - MR - 20)
-
-    def x(v: float) -> float:
-        return log_x(math.log10(max(v, ticks[0][0])))
-
-    parts = [f'<line class="grid" x1="{x(t):.1f}" x2="{x(t):.1f}" y1="{MT}" '
-             f'y2="{height - MB}"/><text x="{x(t):.1f}" y="{height - MB + 16}" '
-             f'text-anchor="middle">{label}</text>' for t, label in ticks]
+    x, axis = _log_axis(min(w["p50_seconds"] for w in rows), max(w["max_seconds"] for w in rows),
+                        left, height)
+    parts = [axis]
     for i, w in enumerate(rows):
         yy = MT + 22 * i + 11
         name = workflow_label(w)
@@ -247,3 +255,57 @@ def chart_hbars(chart_id: str, title: str, items: list[tuple[str, float, str]],
                      "</text></g>")
     return _svg(chart_id, title, "".join(parts), caption, height)
 
+
+
+WAIT_STATUSES = ("queued", "awaiting_human_feedback")
+WAIT_LABELS = {"queued": "queued", "awaiting_human_feedback": "awaiting feedback"}
+
+
+def chart_status_time(rows: list[dict]) -> str:
+    """Time in ``queued`` / ``awaiting_human_feedback`` per workflow, as observed bounds.
+
+    ``rows``: one per workflow and status, in the order drawn, with ``runs`` (runs that left the
+    status), ``ongoing`` (still in it) and ``p50_lower``, ``p50_upper``, ``p90_lower``,
+    ``p90_upper`` (seconds; NULL when no run left it yet).
+    """
+    chart_id, title = "chart-status-time", "Time in queued and awaiting feedback per workflow"
+    height = MT + MB + 22 * max(len(rows), 3)
+    cap = ("Time runs spent queued or awaiting human feedback, per workflow (the most-observed), "
+           "log scale. A sync sees only the present, so each run's time is known between a lower "
+           "and an upper bound: the thick bar spans the median of the lower bounds to the median "
+           "of the upper ones (the true median lies in it), the thin bar under it the same for "
+           "p90. Runs "
+           "still in the status are counted in the tooltip, not in the bars.")
+    drawn = [r for r in rows if r["runs"]]
+    if not rows:
+        return _svg(chart_id, title, "", cap, height)
+    left = 260
+    lo = min([r["p50_lower"] for r in drawn if r["p50_lower"]] or [DURATION_TICKS[0][0]])
+    hi = max([r["p90_upper"] for r in drawn] or [lo])
+    x, axis = _log_axis(lo, hi, left, height)
+    colors = _colors(list(WAIT_STATUSES))
+    parts = [axis]
+    for i, r in enumerate(rows):
+        yy = MT + 22 * i + 11
+        name, status = workflow_label(r), r["status"]
+        label = f"{name[:30]} · {WAIT_LABELS.get(status, status)}"
+        still = f", {r['ongoing']:,} still {WAIT_LABELS.get(status, status)}" \
+            if r["ongoing"] else ""
+        if r["runs"]:
+            tip = (f"{name}, {status}: median between {duration(r['p50_lower'])} and "
+                   f"{duration(r['p50_upper'])}, p90 between {duration(r['p90_lower'])} and "
+                   f"{duration(r['p90_upper'])} ({r['runs']:,} "
+                   f"{'run' if r['runs'] == 1 else 'runs'} left it{still})")
+            # The median's bar, and under it a thin one for p90: apart, so neither hides.
+            bars = "".join(
+                f'<rect class="{q}" x="{x(r[f"{q}_lower"]):.1f}" y="{yy + top}" '
+                f'width="{max(x(r[f"{q}_upper"]) - x(r[f"{q}_lower"]), 1.5):.1f}" '
+                f'height="{h}" fill="{colors[status]}" fill-opacity="{o}"/>'
+                for q, top, h, o in (("p50", -7, 10, 1), ("p90", 5, 3, 0.6)))
+        else:
+            tip = f"{name}, {status}: no run has left it yet{still}"
+            bars = f'<text x="{left + 4}" y="{yy + 4}">none left yet{escape(still)}</text>'
+        parts.append(f'<g><title>{escape(tip)}</title><text x="{left - 8}" y="{yy + 4}" '
+                     f'text-anchor="end">{escape(label)}</text>{bars}</g>')
+    parts.append(_legend(list(WAIT_STATUSES), colors, height - 12))
+    return _svg(chart_id, title, "".join(parts), cap, height)

@@ -25,6 +25,7 @@ from .charts import (
     chart_failure_rate,
     chart_hbars,
     chart_runs_per_day,
+    chart_status_time,
     duration,
     workflow_label,
 )
@@ -71,6 +72,8 @@ class ReportData:
     stuck_count: int = 0
     health: dict = field(default_factory=dict)
     syncs: list = field(default_factory=list)
+    has_history: bool = False  # run_history has rows: the time-in-status chart is shown
+    status_time: list = field(default_factory=list)
 
 
 def _dicts(con, sql: str, params=None) -> list[dict]:
@@ -132,7 +135,40 @@ def collect(con, stuck_after_seconds: float, workspace: str | None = None) -> Re
     (d.health,) = _dicts(con, f"{HEALTH} WHERE {ws}", p)
     d.syncs = _dicts(con, f"SELECT * FROM sync_history WHERE {ws} "
                           f"ORDER BY sync_id DESC LIMIT {SYNC_ROWS}", p)
+    # time_in_status came with run_history: a warehouse last synced before it has neither.
+    if "time_in_status" in have:
+        (d.has_history,) = con.execute(f"SELECT EXISTS (FROM run_history WHERE {ws})",
+                                       p).fetchall()[0]
+        d.status_time = _status_time(_dicts(con, STATUS_TIME.format(ws=ws), p))
     return d
+
+
+# Per workspace, workflow and waiting status: the median and p90 of the runs' lower and upper
+# bounds. Bounds are monotone, so the true quantile lies between those of the bounds.
+STATUS_TIME = """SELECT t.workspace, t.workflow_id, any_value(f.name) AS workflow_name, t.status,
+    count(*) FILTER (NOT t.ongoing) AS runs, count(*) FILTER (t.ongoing) AS ongoing,
+    quantile_cont(t.lower_seconds, 0.5) FILTER (NOT t.ongoing) AS p50_lower,
+    quantile_cont(t.upper_seconds, 0.5) FILTER (NOT t.ongoing) AS p50_upper,
+    quantile_cont(t.lower_seconds, 0.9) FILTER (NOT t.ongoing) AS p90_lower,
+    quantile_cont(t.upper_seconds, 0.9) FILTER (NOT t.ongoing) AS p90_upper
+    FROM (SELECT * FROM time_in_status WHERE {ws}) AS t
+    LEFT JOIN workflows AS f ON f.workspace = t.workspace AND f.id = t.workflow_id
+    WHERE t.status IN ('queued', 'awaiting_human_feedback')
+    GROUP BY t.workspace, t.workflow_id, t.status"""
+
+
+def _status_time(rows: list[dict]) -> list[dict]:
+    """The rows of the TOP_N workflows with the most runs observed waiting, most first; per
+    workflow queued before awaiting_human_feedback."""
+    seen: dict[tuple, int] = {}
+    for r in rows:
+        key = (r["workspace"], r["workflow_id"])
+        seen[key] = seen.get(key, 0) + r["runs"] + r["ongoing"]
+    top = sorted(seen, key=lambda k: (-seen[k], str(k)))[:TOP_N]
+    rank = {k: i for i, k in enumerate(top)}
+    kept = [r for r in rows if (r["workspace"], r["workflow_id"]) in rank]
+    return sorted(kept, key=lambda r: (rank[r["workspace"], r["workflow_id"]],
+                                       r["status"] != "queued"))
 
 
 # --- formatting --------------------------------------------------------------------------------
@@ -226,6 +262,8 @@ def _dashboard(d: ReportData) -> list[str]:
                       f"({w['failed']:,}/{w['finished']:,})") for w in failing],
                     f"Top {TOP_N} by failed / finished, workflows with at least {MIN_FINISHED} "
                     "finished runs.", "#c62828"),
+        *(['<h2 id="status-time">Time in queued and awaiting feedback</h2>',
+           chart_status_time(d.status_time)] if d.has_history else []),
         '<h2 id="open">Open and stuck runs</h2>',
         _table(["status", "open runs", "oldest"],
                [[r["status"], r["runs"], duration(r["oldest"])] for r in d.open_by_status], {1, 2}),
@@ -278,6 +316,8 @@ def render_workspaces(everything: ReportData, per: dict[str, ReportData],
     """The page of several workspaces: an overview table, all of them together, then one
     section per workspace with the charts and tables of a single-workspace report."""
     for w in everything.workflows:  # the same workflow id in two workspaces is two rows
+        w["workflow_name"] = f"{w['workspace']} / {workflow_label(w)}"
+    for w in everything.status_time:
         w["workflow_name"] = f"{w['workspace']} / {workflow_label(w)}"
     for r in everything.stuck:
         r["run_id"] = f"{r['workspace']} / {r['run_id']}"
