@@ -8,6 +8,8 @@ extension downloaded at run time) and the warehouse from its published snapshot.
 from __future__ import annotations
 
 import json
+import os
+import re
 import socket
 import subprocess
 import sys
@@ -350,3 +352,81 @@ def test_a_run_whose_node_list_shrank_loses_its_extra_positions_in_the_lake(tmp_
     nodes = [(r["run_id"], r["position"], r["node_id"])
              for r in lake_rows(str(tmp_path / "lake"), "run_nodes")]
     assert nodes == [("a", 0, "n9"), ("b", 0, "n1"), ("b", 1, "n2")]
+
+
+# --- two processes, one lake (issue 12) -------------------------------------------------------
+
+OPTIMIZER = """
+import sys
+from pathlib import Path
+from runs_etl.cli import main
+stop, rounds = Path({stop!r}), 0
+while not stop.exists():
+    code = main(["lake", "optimize"])
+    if code:
+        sys.exit(code)
+    rounds += 1
+    print(f"round {{rounds}}", flush=True)
+"""
+
+
+def commits(uri: str, table: str, options: dict) -> list[dict]:
+    """The table's commits, oldest first."""
+    return DeltaTable(f"{uri}/{table}", storage_options=options).history()[::-1]
+
+
+def test_syncs_racing_lake_optimize_in_another_process_lose_no_commit(
+        tmp_path, make_sim, bucket, procs):
+    """While `runs-etl lake optimize` runs in a loop in its own process, five syncs MERGE into
+    the same S3 tables: every sync's commit and every compaction the optimizer reported is in
+    each table's history, the lake equals the warehouse and names the last sync."""
+    uri, options = bucket
+    sim = make_sim(300)
+    db = tmp_path / "runs.duckdb"
+    settings = lake_settings(sim, db, uri, options)
+    jobs.run_sync(settings, quiet=True)  # the tables exist before the optimizer starts
+    first = ledger(db)[-1]["sync_id"]
+    stop = tmp_path / "stop-optimizing"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RUNS_ETL_", "AWS_"))}
+    env |= {**options, "RUNS_ETL_LAKE_URI": uri, "RUNS_ETL_DUCKDB_PATH": str(db)}
+    optimizer = procs.python(OPTIMIZER.format(stop=str(stop)), env)
+    optimizer.wait_for("round 1", timeout=120)
+    for _ in range(5):
+        sim.transition(20)
+        sim.add_runs(5)
+        jobs.run_sync(settings, quiet=True)  # a LakeError here fails the test
+    last = ledger(db)[-1]["sync_id"]
+    stop.touch()
+    assert optimizer.finish(120) == 0, optimizer.output
+
+    # What the optimizer committed, per table: each round's line lists every table.
+    compactions = dict.fromkeys(KEYS, 0)
+    for line in optimizer.lines:
+        for table, added in re.findall(r"(\w+) \(\+(\d+) -\d+ files\)", line):
+            compactions[table] += int(added) > 0
+    raced = False
+    for table in ("runs", "sync_runs"):  # both change in every sync
+        history = commits(uri, table, options)
+        merged = [int(c[SYNC_ID_KEY]) for c in history if c["operation"] != "OPTIMIZE"]
+        assert merged == list(range(first, last + 1)), table
+        optimized = [v for v, c in enumerate(history) if c["operation"] == "OPTIMIZE"]
+        assert len(optimized) == compactions[table], table
+        syncs = [v for v, c in enumerate(history) if c["operation"] != "OPTIMIZE"]
+        raced |= any(syncs[1] < v < syncs[-1] for v in optimized)
+    assert raced, "the optimizer never committed between two syncs: nothing was tested"
+    assert_lake_equals_warehouse(uri, db, options)
+    status = lake_status(settings)
+    assert status["last_applied_sync_id"] == last and status["lag_syncs"] == 0
+
+
+def test_run_nodes_merge_after_the_lake_holds_merged_files(tmp_path, make_sim):
+    """delta-rs writes strings as string_view; the run_nodes MERGE used to filter the lake's
+    files with a string list and failed (ArrowNotImplementedError) from the third sync on."""
+    sim = make_sim(300)
+    db, folder = tmp_path / "runs.duckdb", tmp_path / "lake"
+    settings = lake_settings(sim, db, str(folder))
+    for _ in range(3):
+        jobs.run_sync(settings, quiet=True)
+        sim.transition(20)
+        sim.add_runs(5)
+    assert_lake_equals_warehouse(str(folder), db)

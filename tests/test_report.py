@@ -7,22 +7,26 @@ import re
 import shutil
 import subprocess
 from datetime import UTC, date, datetime, timedelta
+from html import unescape
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-from helpers import LIVE, SYNCS, TERMINAL, handmade_warehouse, insert_fixture, settings_for_db
+from helpers import (
+    LIVE,
+    SYNCS,
+    TERMINAL,
+    handmade_warehouse,
+    insert_fixture,
+    settings_for,
+    settings_for_db,
+)
 
-from runs_etl import warehouse
+from runs_etl import jobs, warehouse
 from runs_etl.cli import main
 from runs_etl.errors import WarehouseError
-from runs_etl.outputs.report import (
-    DAYS_SHOWN,
-    ReportData,
-    chart_failure_rate,
-    chart_runs_per_day,
-    write_report,
-)
+from runs_etl.outputs.charts import chart_failure_rate, chart_runs_per_day, chart_status_time
+from runs_etl.outputs.report import DAYS_SHOWN, write_report
 
 CHARTS = ("chart-runs-per-day", "chart-failure-rate", "chart-duration-percentiles",
           "chart-slowest", "chart-most-failing")
@@ -246,14 +250,15 @@ def test_each_workspace_section_shows_that_workspaces_numbers(two_workspaces):
 
 # --- the partial last day and a phone's width (issue 9, item 29) ------------------------------
 
-def _three_days(generated_at: datetime, last: date) -> ReportData:
+def _three_days(generated_at: datetime, last: date) -> tuple[str, str]:
+    """The runs-per-day and failure-rate charts of three days ending ``last``."""
     days = [last - timedelta(days=k) for k in (2, 1, 0)]
-    return ReportData(
-        generated_at=generated_at, stuck_after=3600,
-        status_daily=[{"created_date": d, "status": s, "runs": 10}
-                      for d in days for s in ("completed", "failed")],
-        failure_daily=[{"created_date": d, "workflow_type": "flow", "failed": 1, "finished": 10}
-                       for d in days])
+    status_daily = [{"created_date": d, "status": s, "runs": 10}
+                    for d in days for s in ("completed", "failed")]
+    failure_daily = [{"created_date": d, "workflow_type": "flow", "failed": 1, "finished": 10}
+                     for d in days]
+    return (chart_runs_per_day(status_daily, generated_at, DAYS_SHOWN),
+            chart_failure_rate(failure_daily, generated_at))
 
 
 def _marked(svg: str) -> list[str]:
@@ -263,8 +268,7 @@ def _marked(svg: str) -> list[str]:
 
 def test_todays_partial_day_is_drawn_apart_and_labelled():
     now = datetime(2024, 5, 3, 9, 30, tzinfo=UTC)
-    d = _three_days(now, now.date())
-    bars, rate = chart_runs_per_day(d), chart_failure_rate(d)
+    bars, rate = _three_days(now, now.date())
     assert _marked(bars) == ["rect", "rect"]  # both segments of today's bar, no others
     assert all("2024-05-03" in t for t in re.findall(r'class="partial"[^>]*><title>(.*?)</title>',
                                                       bars))
@@ -281,8 +285,7 @@ def test_todays_partial_day_is_drawn_apart_and_labelled():
 
 def test_a_report_whose_last_day_is_over_marks_nothing():
     now = datetime(2024, 5, 3, 9, 30, tzinfo=UTC)
-    d = _three_days(now, now.date() - timedelta(days=1))
-    for svg in (chart_runs_per_day(d), chart_failure_rate(d)):
+    for svg in _three_days(now, now.date() - timedelta(days=1)):
         assert _marked(svg) == [] and "partial" not in svg
 
 
@@ -297,3 +300,71 @@ def test_charts_and_tables_scroll_on_a_phone_instead_of_shrinking_their_text(db)
     assert "overflow-x:auto" in re.search(r"(?<![\w-])figure\{([^}]*)\}", css).group(1)
     assert html.count("<svg") == html.count("<figure>") == len(CHARTS)
     assert html.count("<table>") == html.count('<div class="scroll"><table>') > 0
+
+
+# --- time in queued / awaiting_human_feedback (issue 14) --------------------------------------
+
+@pytest.fixture
+def with_history(make_sim, tmp_path):
+    """Runs seen queued and awaiting feedback by one sync, moved on before the next, so
+    time_in_status has closed rows for both statuses; then the report."""
+    sim = make_sim(200, now=datetime.now(UTC) - timedelta(hours=3))  # runs before the syncs
+    db = tmp_path / "runs.duckdb"
+    queued = sim.add_runs(6, status="queued")
+    awaiting = sim.add_runs(4, status="awaiting_human_feedback")
+    for step in range(3):
+        jobs.run_sync(settings_for(sim, db), quiet=True)
+        if step < 2:
+            sim.transition(ids=queued + awaiting)
+    return sim, db, queued, awaiting
+
+
+def _wait_rows(svg: str) -> list[str]:
+    """The tooltip of each row of the time-in-status chart."""
+    return re.findall(r"<g><title>([^<]*)</title>", svg)
+
+
+def test_report_charts_time_in_queued_and_awaiting_per_workflow(with_history):
+    sim, db, queued, awaiting = with_history
+    html = write_report(settings_for_db(db)).read_text(encoding="utf-8")
+    page = Page(html)
+    assert not page.stack and not page.urls and "script" not in page.tags
+    assert {"status-time", "chart-status-time"} <= page.ids
+    assert page.svg_titles["chart-status-time"].startswith(
+        "Time in queued and awaiting feedback per workflow")
+    svg = html.split('id="chart-status-time"')[1].split("</figure>")[0]
+    # One row per workflow and status of the runs that left it, named after the workflow.
+    snap = sim.snapshot()
+    expected = {(snap[i]["workflow"]["name"], "queued") for i in queued} | {
+        (snap[i]["workflow"]["name"], "awaiting_human_feedback") for i in awaiting}
+    tips = _wait_rows(svg)
+    left = {tuple(t.split(": median")[0].rsplit(", ", 1)) for t in tips if ": median" in t}
+    assert expected <= {(unescape(n), s) for n, s in left}
+    # Each drawn row has its median bar (thick) and p90 bar (thin), and says how many runs.
+    assert svg.count('<rect class="p50"') == svg.count('<rect class="p90"') == len(left)
+    runs = sum(int(re.search(r"\((\d+) runs? left it", t).group(1)) for t in tips
+               if "median" in t)
+    assert runs >= len(queued) + len(awaiting)
+    # Each run was seen in its status by one sync only, and had waited since its creation three
+    # hours before that sync: the bounds read 0 to 3 hours and more.
+    bounds = [re.search(r"median between (.+?) and (.+?), p90 between (.+?) and (.+?) \(", t)
+              for t in tips if "median" in t]
+    assert bounds and all(b.group(1) == b.group(3) == "0 ms" for b in bounds)
+    assert all(b.group(k).endswith(" h") and float(b.group(k)[:-2]) >= 3
+               for b in bounds for k in (2, 4))
+    assert svg.count("<g><title>") <= 2 * 10  # top 10 workflows, two statuses each
+
+
+def test_a_warehouse_without_history_has_no_time_in_status_chart(db):
+    html = write_report(settings_for_db(db)).read_text(encoding="utf-8")
+    assert "chart-status-time" not in html and 'id="status-time"' not in html
+
+
+def test_a_workflow_whose_runs_all_still_wait_gets_a_row_without_bars():
+    rows = [{"workspace": "default", "workflow_id": "w1", "workflow_name": "Nightly <batch>",
+             "status": "queued", "runs": 0, "ongoing": 3, "p50_lower": None, "p50_upper": None,
+             "p90_lower": None, "p90_upper": None}]
+    svg = chart_status_time(rows)
+    assert _wait_rows(svg) == ["Nightly &lt;batch&gt;, queued: no run has left it yet, 3 still "
+                               "queued"]
+    assert "none left yet, 3 still queued" in svg and '<rect class="p50"' not in svg

@@ -211,6 +211,23 @@ def _merge_rows(settings: Settings, con, dt: Any, table: str, since: int, sync_i
     return n
 
 
+def _held_nodes(dt: Any, run_ids: pa.ChunkedArray) -> pa.Table:
+    """The lake's (workspace, run_id, position) rows of ``run_ids``, filtered batch by batch
+    rather than in the scan: delta-rs writes strings as ``string_view``, and pyarrow cannot test
+    a filter against such a file's statistics (``greater_equal`` has no (string, string_view)
+    kernel), so a pushed-down filter fails once the lake holds a file whose range covers an id.
+    The MERGE that follows reads every file of the table anyway."""
+    dataset = dt.to_pyarrow_dataset()
+    columns = ["workspace", "run_id", "position"]
+    schema = pa.schema([dataset.schema.field(c) for c in columns])  # Delta's types: string
+    wanted = run_ids.cast(schema.field("run_id").type)
+    parts = [schema.empty_table()]
+    for batch in dataset.to_batches(columns=columns):
+        part = pa.Table.from_batches([batch]).cast(schema)
+        parts.append(part.filter(pc.is_in(part["run_id"], value_set=wanted)))
+    return pa.concat_tables(parts)
+
+
 def _merge_nodes(settings: Settings, con, dt: Any, since: int, sync_id: int) -> int:
     """A run's nodes are rewritten when its run row changed: its current nodes are upserted and
     positions the lake holds beyond them (the list shrank) deleted, in one MERGE."""
@@ -218,10 +235,7 @@ def _merge_nodes(settings: Settings, con, dt: Any, since: int, sync_id: int) -> 
     ids = _reader(con, f"SELECT DISTINCT id FROM ({changed})", {"since": since}).read_all()
     if ids.num_rows == 0:
         return 0
-    held = dt.to_pyarrow_dataset().to_table(
-        columns=["workspace", "run_id", "position"],
-        filter=pc.field("run_id").isin(ids.column(0)))
-    con.register("lake_held_nodes", held)
+    con.register("lake_held_nodes", _held_nodes(dt, ids.column(0)))
     try:
         sql = f"""
             WITH changed AS ({changed}),

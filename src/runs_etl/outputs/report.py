@@ -1,7 +1,7 @@
 """``runs-etl report``: one self-contained HTML file with charts, read through the SQL views.
 
-Everything is inline (CSS, SVG drawn here in Python, tooltips as SVG ``<title>``): no script, no
-font, no CDN, so the file opens offline and can be mailed or attached to a ticket as is. With
+Everything is inline (CSS, SVG drawn by ``charts.py``, tooltips as SVG ``<title>``): no script,
+no font, no CDN, so the file opens offline and can be mailed or attached to a ticket as is. With
 several workspaces the page shows them all together, then a section per workspace, linked from
 a table at the top (plain anchors: still no script).
 """
@@ -9,41 +9,38 @@ a table at the top (plain anchors: still no script).
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import re
-from collections import defaultdict
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import UTC, datetime
 from html import escape
 from pathlib import Path
 
 from ..config import Settings
 from ..errors import RunsEtlError, WarehouseError
 from ..warehouse.connect import open_read_only
+from .charts import (
+    chart_duration_percentiles,
+    chart_failure_rate,
+    chart_hbars,
+    chart_runs_per_day,
+    chart_status_time,
+    duration,
+    workflow_label,
+)
 from .status import human_age
 
 DEFAULT_NAME = "report.html"
 DAYS_SHOWN = 90  # daily charts show the last 90 days that have runs
 TOP_N = 10
-PERCENTILE_ROWS = 20  # the most-run workflows get a row in the percentile chart
 MIN_FINISHED = 5  # below this, a failure rate says little: left out of "most failing"
 STUCK_ROWS, SYNC_ROWS = 25, 10  # rows of the stuck-runs and last-syncs tables
-W, H = 920, 280  # chart size in SVG units (scaled by CSS to the page width)
 # Narrower than this (a phone), a chart scrolls sideways instead of shrinking its 11 px text
 # below ~9 px.
 MIN_CHART_PX = 760
-PARTIAL_NOTE = "today, partial"
-ML, MR, MT, MB = 56, 12, 16, 46  # margins: left, right, top, bottom
 REQUIRED_VIEWS = ("run_facts", "status_daily", "workflow_duration_stats", "failure_rate_daily",
                   "open_runs", "sync_health", "sync_history")
-STATUS_COLORS = {"completed": "#2e7d32", "failed": "#c62828", "stopped": "#f9a825",
-                 "running": "#1565c0", "queued": "#7b1fa2", "awaiting_human_feedback": "#00838f"}
-PALETTE = ("#5d4037", "#455a64", "#ad1457", "#558b2f", "#ef6c00", "#283593", "#6d4c41")
-DURATION_TICKS = ((0.1, "100 ms"), (1, "1 s"), (10, "10 s"), (60, "1 min"), (600, "10 min"),
-                  (3600, "1 h"), (6 * 3600, "6 h"), (86400, "1 d"), (7 * 86400, "7 d"),
-                  (30 * 86400, "30 d"), (365 * 86400, "1 y"))
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0 auto;
 max-width:980px;padding:16px 20px 48px;color:#212121;background:#fafafa}
@@ -75,6 +72,8 @@ class ReportData:
     stuck_count: int = 0
     health: dict = field(default_factory=dict)
     syncs: list = field(default_factory=list)
+    has_history: bool = False  # run_history has rows: the time-in-status chart is shown
+    status_time: list = field(default_factory=list)
 
 
 def _dicts(con, sql: str, params=None) -> list[dict]:
@@ -136,15 +135,43 @@ def collect(con, stuck_after_seconds: float, workspace: str | None = None) -> Re
     (d.health,) = _dicts(con, f"{HEALTH} WHERE {ws}", p)
     d.syncs = _dicts(con, f"SELECT * FROM sync_history WHERE {ws} "
                           f"ORDER BY sync_id DESC LIMIT {SYNC_ROWS}", p)
+    # time_in_status came with run_history: a warehouse last synced before it has neither.
+    if "time_in_status" in have:
+        (d.has_history,) = con.execute(f"SELECT EXISTS (FROM run_history WHERE {ws})",
+                                       p).fetchall()[0]
+        d.status_time = _status_time(_dicts(con, STATUS_TIME.format(ws=ws), p))
     return d
 
 
+# Per workspace, workflow and waiting status: the median and p90 of the runs' lower and upper
+# bounds. Bounds are monotone, so the true quantile lies between those of the bounds.
+STATUS_TIME = """SELECT t.workspace, t.workflow_id, any_value(f.name) AS workflow_name, t.status,
+    count(*) FILTER (NOT t.ongoing) AS runs, count(*) FILTER (t.ongoing) AS ongoing,
+    quantile_cont(t.lower_seconds, 0.5) FILTER (NOT t.ongoing) AS p50_lower,
+    quantile_cont(t.upper_seconds, 0.5) FILTER (NOT t.ongoing) AS p50_upper,
+    quantile_cont(t.lower_seconds, 0.9) FILTER (NOT t.ongoing) AS p90_lower,
+    quantile_cont(t.upper_seconds, 0.9) FILTER (NOT t.ongoing) AS p90_upper
+    FROM (SELECT * FROM time_in_status WHERE {ws}) AS t
+    LEFT JOIN workflows AS f ON f.workspace = t.workspace AND f.id = t.workflow_id
+    WHERE t.status IN ('queued', 'awaiting_human_feedback')
+    GROUP BY t.workspace, t.workflow_id, t.status"""
+
+
+def _status_time(rows: list[dict]) -> list[dict]:
+    """The rows of the TOP_N workflows with the most runs observed waiting, most first; per
+    workflow queued before awaiting_human_feedback."""
+    seen: dict[tuple, int] = {}
+    for r in rows:
+        key = (r["workspace"], r["workflow_id"])
+        seen[key] = seen.get(key, 0) + r["runs"] + r["ongoing"]
+    top = sorted(seen, key=lambda k: (-seen[k], str(k)))[:TOP_N]
+    rank = {k: i for i, k in enumerate(top)}
+    kept = [r for r in rows if (r["workspace"], r["workflow_id"]) in rank]
+    return sorted(kept, key=lambda r: (rank[r["workspace"], r["workflow_id"]],
+                                       r["status"] != "queued"))
+
+
 # --- formatting --------------------------------------------------------------------------------
-
-def _dur(s: float | None) -> str:
-    """A duration for an axis or a cell: ``850 ms``, ``42 s``, ``12 min``, ``3.5 h``, ``2.1 d``."""
-    return "–" if s is None else f"{s * 1000:.0f} ms" if s < 1 else human_age(s)
-
 
 def _pct(x: float | None) -> str:
     return "–" if x is None else f"{x:.1%}"
@@ -161,10 +188,6 @@ def _e(x) -> str:
     return escape(f"{x:,}" if isinstance(x, int) and not isinstance(x, bool) else str(x))
 
 
-def _name(w: dict) -> str:
-    return w["workflow_name"] or w["workflow_id"] or "unknown workflow"
-
-
 def _table(headers: list[str], rows: list[list], numeric: AbstractSet[int] = frozenset()) -> str:
     head = "".join(f'<th{" class=n" if i in numeric else ""}>{_e(h)}</th>'
                    for i, h in enumerate(headers))
@@ -174,214 +197,6 @@ def _table(headers: list[str], rows: list[list], numeric: AbstractSet[int] = fro
         body = f'<tr><td colspan="{len(headers)}" class="muted">none</td></tr>'
     return (f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody>'
             "</table></div>")
-
-
-# --- SVG charts ------------------------------------------------------------------------------
-
-def _linear(d0: float, d1: float, r0: float, r1: float):
-    """Map the domain [d0, d1] onto the range [r0, r1] (SVG units)."""
-    k = (r1 - r0) / ((d1 - d0) or 1)
-    return lambda v: r0 + (v - d0) * k
-
-
-def _nice_ticks(top: float, n: int = 5) -> list[float]:
-    """0 and round steps (1, 2, 5 x 10^k) up to at least ``top``."""
-    if top <= 0:
-        return [0, 1]
-    raw = top / n
-    mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
-    return [i * step for i in range(int(math.ceil(top / step)) + 1)]
-
-
-def _svg(chart_id: str, title: str, body: str, caption: str, height: int = H) -> str:
-    return (f'<figure><svg id="{chart_id}" role="img" aria-labelledby="{chart_id}-title" '
-            f'viewBox="0 0 {W} {height}"><title id="{chart_id}-title">{escape(title)}</title>'
-            + (body or f'<text x="{W / 2}" y="{height / 2}" text-anchor="middle">no data'
-                       " yet</text>")
-            + f"</svg><figcaption>{escape(caption)}</figcaption></figure>")
-
-
-def _y_axis(ticks: list[float], y, label) -> str:
-    return "".join(f'<line class="grid" x1="{ML}" x2="{W - MR}" y1="{y(t):.1f}" y2="{y(t):.1f}"/>'
-                   f'<text x="{ML - 6}" y="{y(t) + 4:.1f}" text-anchor="end">{label(t)}</text>'
-                   for t in ticks)
-
-
-def _x_days(days: list[date], x, width: float) -> str:
-    every = max(1, len(days) // 10)
-    return "".join(f'<text x="{x(i) + width / 2:.1f}" y="{H - MB + 16}" text-anchor="middle">'
-                   f'{d.strftime("%m-%d")}</text>' for i, d in enumerate(days) if i % every == 0)
-
-
-def _legend(names: list[str], colors: dict[str, str], y: float = H - 12) -> str:
-    out, xpos = [], ML
-    for name in names:
-        out.append(f'<rect x="{xpos}" y="{y - 9}" width="10" height="10" fill="{colors[name]}"/>'
-                   f'<text x="{xpos + 14}" y="{y}">{escape(name)}</text>')
-        xpos += 24 + 7 * len(name)
-    return "".join(out)
-
-
-def _colors(names) -> dict[str, str]:
-    others = iter(PALETTE * 10)
-    return {n: STATUS_COLORS.get(n) or next(others) for n in names}
-
-
-def _partial(days: list[date], d: ReportData) -> bool:
-    """Is the last day shown today (UTC), still filling up as the report is made?"""
-    return bool(days) and days[-1] == d.generated_at.astimezone(UTC).date()
-
-
-def _partial_label(x: float, y: float) -> str:
-    return (f'<text class="partial-label" x="{x:.1f}" y="{y:.1f}" text-anchor="end">'
-            f"{PARTIAL_NOTE}</text>")
-
-
-def chart_runs_per_day(d: ReportData) -> str:
-    days = sorted({r["created_date"] for r in d.status_daily})
-    cap = f"Runs created per UTC day, stacked by current status (last {DAYS_SHOWN} days with data)."
-    if not days:
-        return _svg("chart-runs-per-day", "Runs per day by status", "", cap)
-    per_day: dict = defaultdict(dict)
-    for r in d.status_daily:
-        per_day[r["created_date"]][r["status"]] = r["runs"]
-    known = list(STATUS_COLORS)
-    statuses = sorted({r["status"] for r in d.status_daily},
-                      key=lambda s: (known.index(s) if s in known else len(known), s))
-    colors = _colors(statuses)
-    ticks = _nice_ticks(max(sum(v.values()) for v in per_day.values()))
-    y, x = _linear(0, ticks[-1], H - MB, MT), _linear(0, len(days), ML, W - MR)
-    bw = (W - ML - MR) / len(days)
-    partial = _partial(days, d)
-    parts = [_y_axis(ticks, y, lambda t: f"{t:,.0f}")]
-    for i, day in enumerate(days):
-        base = 0
-        # Today's bar is still growing: lighter, outlined dashed, and labelled as such.
-        look = ' class="partial" fill-opacity="0.4" stroke-dasharray="3 2"' \
-            if partial and i == len(days) - 1 else ""
-        note = f" ({PARTIAL_NOTE})" if look else ""
-        for s in statuses:
-            n = per_day[day].get(s, 0)
-            if n:
-                parts.append(f'<rect x="{x(i) + bw * 0.1:.1f}" y="{y(base + n):.1f}" '
-                             f'width="{bw * 0.8:.1f}" height="{y(base) - y(base + n):.1f}" '
-                             f'fill="{colors[s]}" stroke="{colors[s]}"{look}><title>{day} '
-                             f"{escape(s)}: {n:,}{note}</title></rect>")
-            base += n
-    if partial:
-        cap += f" The last day is today ({PARTIAL_NOTE}): drawn lighter."
-        parts.append(_partial_label(W - MR, MT - 4))
-    parts += [_x_days(days, x, bw), _legend(statuses, colors)]
-    return _svg("chart-runs-per-day", "Runs per day by status", "".join(parts), cap)
-
-
-def chart_failure_rate(d: ReportData) -> str:
-    cap = ("Failed / finished runs per UTC creation day: all workflows (thick) and per "
-           "workflow type.")
-    days = sorted({r["created_date"] for r in d.failure_daily})
-    if not days:
-        return _svg("chart-failure-rate", "Failure rate over time", "", cap)
-    sums: dict = defaultdict(lambda: defaultdict(lambda: [0, 0]))
-    for r in d.failure_daily:
-        for key in ("all", r["workflow_type"] or "unknown"):
-            sums[key][r["created_date"]][0] += r["failed"]
-            sums[key][r["created_date"]][1] += r["finished"]
-    names = ["all"] + sorted(k for k in sums if k != "all")
-    colors = _colors(names) | {"all": "#212121"}
-    top = max(f / n for s in sums.values() for f, n in s.values())
-    ticks = _nice_ticks(max(top, 0.01))
-    y, x = _linear(0, ticks[-1], H - MB, MT), _linear(0, len(days), ML, W - MR)
-    step = (W - ML - MR) / len(days)
-    parts = [_y_axis(ticks, y, lambda t: f"{t:.0%}" if ticks[-1] >= 0.05 else f"{t:.1%}")]
-    today = days[-1] if _partial(days, d) else None
-    for name in names:
-        pts = [(x(i) + step / 2, y(sums[name][day][0] / sums[name][day][1]), day)
-               for i, day in enumerate(days) if sums[name][day][1]]
-        # Today's rate rests on the runs finished so far: its segment is dashed.
-        whole = [p for p in pts if p[2] != today]
-        width = 2.5 if name == "all" else 1.2
-        stroke = f'fill="none" stroke="{colors[name]}" stroke-width="{width}"'
-        path = " ".join(f"{px:.1f},{py:.1f}" for px, py, _ in whole)
-        parts.append(f'<polyline points="{path}" {stroke}><title>{escape(name)}</title>'
-                     "</polyline>")
-        if pts and pts[-1][2] == today:
-            tail = " ".join(f"{px:.1f},{py:.1f}" for px, py, _ in pts[-2:])
-            parts.append(f'<polyline class="partial" points="{tail}" {stroke} '
-                         f'stroke-dasharray="5 4"><title>{escape(name)} ({PARTIAL_NOTE})'
-                         "</title></polyline>")
-        if name == "all":
-            parts += [f'<circle cx="{px:.1f}" cy="{py:.1f}" r="2.5" fill="'
-                      f'{"#fff" if day == today else colors[name]}" stroke="{colors[name]}">'
-                      f"<title>{day}: {sums[name][day][0]:,} failed of "
-                      f"{sums[name][day][1]:,} finished"
-                      f"{f' ({PARTIAL_NOTE})' if day == today else ''}</title></circle>"
-                      for px, py, day in pts]
-    if today is not None:
-        cap += f" The last day is today ({PARTIAL_NOTE}): its segment is dashed."
-        parts.append(_partial_label(W - MR, MT - 4))
-    parts += [_x_days(days, x, step), _legend(names, colors)]
-    return _svg("chart-failure-rate", "Failure rate over time", "".join(parts), cap)
-
-
-def chart_duration_percentiles(d: ReportData) -> str:
-    rows = [w for w in d.workflows if w["p50_seconds"] is not None][:PERCENTILE_ROWS]
-    height = MT + MB + 22 * max(len(rows), 3)
-    cap = (f"Duration of finished runs per workflow ({len(rows)} most-run), log scale: bar from "
-           "p50 to p99, ticks at p90 and p95, dot at the maximum.")
-    if not rows:
-        return _svg("chart-duration-percentiles", "Duration percentiles per workflow", "", cap,
-                    height)
-    left = 230
-    lo, hi = min(w["p50_seconds"] for w in rows), max(w["max_seconds"] for w in rows)
-    first = max([i for i, (t, _) in enumerate(DURATION_TICKS) if t <= lo] or [0])
-    last = min([i for i, (t, _) in enumerate(DURATION_TICKS) if t >= hi] or [-1])
-    end = len(DURATION_TICKS) if last == -1 else max(last + 1, first + 2)
-    ticks = DURATION_TICKS[first:end]
-    log_x = _linear(math.log10(ticks[0][0]), math.log10(ticks[-1][0]), left, W - MR - 20)
-
-    def x(v: float) -> float:
-        return log_x(math.log10(max(v, ticks[0][0])))
-
-    parts = [f'<line class="grid" x1="{x(t):.1f}" x2="{x(t):.1f}" y1="{MT}" '
-             f'y2="{height - MB}"/><text x="{x(t):.1f}" y="{height - MB + 16}" '
-             f'text-anchor="middle">{label}</text>' for t, label in ticks]
-    for i, w in enumerate(rows):
-        yy = MT + 22 * i + 11
-        name = _name(w)
-        tip = escape(f"{name}: p50 {_dur(w['p50_seconds'])}, p90 {_dur(w['p90_seconds'])}, "
-                     f"p95 {_dur(w['p95_seconds'])}, p99 {_dur(w['p99_seconds'])}, "
-                     f"max {_dur(w['max_seconds'])} ({w['finished']:,} finished)")
-        parts.append(
-            f'<g><title>{tip}</title><text x="{left - 8}" y="{yy + 4}" text-anchor="end">'
-            f'{escape(name[:34])}</text><rect x="{x(w["p50_seconds"]):.1f}" y="{yy - 6}" '
-            f'width="{max(x(w["p99_seconds"]) - x(w["p50_seconds"]), 1.5):.1f}" height="12" '
-            f'fill="#90caf9"/>' + "".join(
-                f'<line x1="{x(w[k]):.1f}" x2="{x(w[k]):.1f}" y1="{yy - 7}" y2="{yy + 7}" '
-                f'stroke="#0d47a1" stroke-width="2"/>' for k in ("p90_seconds", "p95_seconds"))
-            + f'<circle cx="{x(w["max_seconds"]):.1f}" cy="{yy}" r="3" fill="#c62828"/></g>')
-    return _svg("chart-duration-percentiles", "Duration percentiles per workflow",
-                "".join(parts), cap, height)
-
-
-def chart_hbars(chart_id: str, title: str, items: list[tuple[str, float, str]],
-                caption: str, color: str) -> str:
-    """Horizontal bars: (label, value, text shown at the end of the bar)."""
-    height = MT + 10 + 22 * max(len(items), 3)
-    if not items:
-        return _svg(chart_id, title, "", caption, height)
-    left, top = 230, max(v for _, v, _ in items) or 1
-    scale = (W - left - MR - 90) / top
-    parts = []
-    for i, (label, value, text) in enumerate(items):
-        yy = MT + 22 * i
-        parts.append(f'<g><title>{escape(f"{label}: {text}")}</title>'
-                     f'<text x="{left - 8}" y="{yy + 15}" text-anchor="end">'
-                     f'{escape(label[:34])}</text><rect x="{left}" y="{yy + 4}" '
-                     f'width="{max(value * scale, 1):.1f}" height="14" fill="{color}"/>'
-                     f'<text x="{left + value * scale + 6:.1f}" y="{yy + 15}">{escape(text)}'
-                     "</text></g>")
-    return _svg(chart_id, title, "".join(parts), caption, height)
 
 
 # --- page ----------------------------------------------------------------------------------
@@ -408,44 +223,51 @@ def _dashboard(d: ReportData) -> list[str]:
     ago = "never" if fresh is None else f"{human_age(fresh)} ago"
     cards = [("live runs", t["runs"], False), ("open runs", t["open"], False),
              ("failure rate", _pct(t["failed"] / t["finished"] if t["finished"] else None), False),
-             (f"stuck (open > {_dur(d.stuck_after)})", d.stuck_count, d.stuck_count > 0),
+             (f"stuck (open > {duration(d.stuck_after)})", d.stuck_count, d.stuck_count > 0),
              ("last successful sync", ago, fresh is None or h["failures_since_success"] > 0)]
     slow = sorted((w for w in d.workflows if w["p95_seconds"] is not None),
                   key=lambda w: -w["p95_seconds"])[:TOP_N]
     failing = sorted((w for w in d.workflows if w["finished"] >= MIN_FINISHED and w["failed"]),
                      key=lambda w: (-w["failure_rate"], -w["failed"]))[:TOP_N]
-    wf_rows = [[_name(w), w["workflow_type"], w["runs"], w["finished"], _pct(w["failure_rate"])]
-               + [_dur(w[f"p{q}_seconds"]) for q in (50, 90, 95, 99)]
-               + [_dur(w["max_seconds"]), _ts(w["last_run_at"])] for w in d.workflows]
+    wf_rows = [[workflow_label(w), w["workflow_type"], w["runs"], w["finished"],
+                _pct(w["failure_rate"])]
+               + [duration(w[f"p{q}_seconds"]) for q in (50, 90, 95, 99)]
+               + [duration(w["max_seconds"]), _ts(w["last_run_at"])] for w in d.workflows]
     stuck_rows = [[r["run_id"], r["workflow_name"] or r["workflow_id"], r["status"],
-                   r["progress"], _ts(r["created_at"]), _dur(r["age_seconds"])] for r in d.stuck]
+                   r["progress"], _ts(r["created_at"]), duration(r["age_seconds"])]
+                  for r in d.stuck]
     sync_rows = [[s["sync_id"], _ts(s["started_at"]), s["outcome"], s["mode"], s["runs_seen"],
-                  s["rows_changed"], _dur(s["seconds_total"]), (s["error"] or "")[:80]]
+                  s["rows_changed"], duration(s["seconds_total"]), (s["error"] or "")[:80]]
                  for s in d.syncs]
     return [
         '<div class="cards">' + "".join(f'<div class="card{" bad" if bad else ""}"><b>{_e(v)}'
                                         f"</b>{_e(k)}</div>" for k, v, bad in cards) + "</div>",
-        '<h2 id="runs-per-day">Runs per day by status</h2>', chart_runs_per_day(d),
-        '<h2 id="failure-rate">Failure rate over time</h2>', chart_failure_rate(d),
+        '<h2 id="runs-per-day">Runs per day by status</h2>',
+        chart_runs_per_day(d.status_daily, d.generated_at, DAYS_SHOWN),
+        '<h2 id="failure-rate">Failure rate over time</h2>',
+        chart_failure_rate(d.failure_daily, d.generated_at),
         '<h2 id="durations">Duration percentiles per workflow</h2>',
-        chart_duration_percentiles(d),
+        chart_duration_percentiles(d.workflows),
         _table(["workflow", "type", "runs", "finished", "failure rate", "p50", "p90", "p95",
                 "p99", "max", "last run"], wf_rows, set(range(2, 10))),
         '<h2 id="slowest">Slowest workflows</h2>',
         chart_hbars("chart-slowest", "Slowest workflows by p95 duration",
-                    [(_name(w), w["p95_seconds"], _dur(w["p95_seconds"])) for w in slow],
+                    [(workflow_label(w), w["p95_seconds"], duration(w["p95_seconds"]))
+                     for w in slow],
                     f"Top {TOP_N} workflows by 95th-percentile duration of finished runs.",
                     "#1565c0"),
         '<h2 id="failing">Most failing workflows</h2>',
         chart_hbars("chart-most-failing", "Most failing workflows by failure rate",
-                    [(_name(w), w["failure_rate"], f"{_pct(w['failure_rate'])} "
+                    [(workflow_label(w), w["failure_rate"], f"{_pct(w['failure_rate'])} "
                       f"({w['failed']:,}/{w['finished']:,})") for w in failing],
                     f"Top {TOP_N} by failed / finished, workflows with at least {MIN_FINISHED} "
                     "finished runs.", "#c62828"),
+        *(['<h2 id="status-time">Time in queued and awaiting feedback</h2>',
+           chart_status_time(d.status_time)] if d.has_history else []),
         '<h2 id="open">Open and stuck runs</h2>',
         _table(["status", "open runs", "oldest"],
-               [[r["status"], r["runs"], _dur(r["oldest"])] for r in d.open_by_status], {1, 2}),
-        f'<p id="stuck">{d.stuck_count:,} run(s) open for more than {_dur(d.stuck_after)} '
+               [[r["status"], r["runs"], duration(r["oldest"])] for r in d.open_by_status], {1, 2}),
+        f'<p id="stuck">{d.stuck_count:,} run(s) open for more than {duration(d.stuck_after)} '
         f"(analytics.stuck_after){'; the oldest:' if d.stuck else '.'}</p>",
         _table(["run", "workflow", "status", "progress", "created", "age"], stuck_rows, {3, 5})
         if d.stuck else "",
@@ -494,7 +316,9 @@ def render_workspaces(everything: ReportData, per: dict[str, ReportData],
     """The page of several workspaces: an overview table, all of them together, then one
     section per workspace with the charts and tables of a single-workspace report."""
     for w in everything.workflows:  # the same workflow id in two workspaces is two rows
-        w["workflow_name"] = f"{w['workspace']} / {_name(w)}"
+        w["workflow_name"] = f"{w['workspace']} / {workflow_label(w)}"
+    for w in everything.status_time:
+        w["workflow_name"] = f"{w['workspace']} / {workflow_label(w)}"
     for r in everything.stuck:
         r["run_id"] = f"{r['workspace']} / {r['run_id']}"
     sections = [("all", "All workspaces", everything)] + [
