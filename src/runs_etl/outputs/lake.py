@@ -119,12 +119,18 @@ def _commit(sync_id: int, **extra: str) -> Any:
     return _deltalake().CommitProperties(custom_metadata={SYNC_ID_KEY: str(sync_id), **extra})
 
 
+# Commits that rewrite files without applying a sync.
+MAINTENANCE = frozenset({"OPTIMIZE", "VACUUM START", "VACUUM END"})
+
+
 def applied_sync_id(dt: Any) -> int | None:
-    """The sync the table last applied, from the newest commit that names one."""
+    """The sync the table last applied, from the newest commit that applied one. Maintenance
+    commits (optimize, vacuum) are passed over: one that raced a MERGE may carry the sync id
+    from before it."""
     for limit in (HISTORY_PEEK, None):
         commits = dt.history(limit)
         for commit in commits:  # newest first
-            if SYNC_ID_KEY in commit:
+            if SYNC_ID_KEY in commit and commit.get("operation") not in MAINTENANCE:
                 return int(commit[SYNC_ID_KEY])
         if limit is None or len(commits) < limit:
             return None
