@@ -10,6 +10,7 @@ run (N rows), and a MERGE after a sync that changed 1% of them. Prints one Markd
 from __future__ import annotations
 
 import argparse
+import contextlib
 import socket
 import subprocess
 import sys
@@ -69,42 +70,49 @@ def measure(label: str, settings, n: int) -> list[str]:
     return out
 
 
+@contextlib.contextmanager
+def moto_s3(bucket: str = "bench"):
+    """moto's S3 server in its own process on a free loopback port, with ``bucket`` created;
+    yields the delta-rs storage options (the same names as the AWS_* environment variables)."""
+    import boto3
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(300):
+            try:
+                httpx.get(url, timeout=1)
+                break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        boto3.client("s3", endpoint_url=url, aws_access_key_id="a", aws_secret_access_key="b",
+                     region_name="us-east-1").create_bucket(Bucket=bucket)
+        yield {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b",
+               "AWS_REGION": "us-east-1", "AWS_ALLOW_HTTP": "true"}
+    finally:
+        moto.terminate()
+        moto.wait(10)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=100_000)
+    ap.add_argument("--skip-s3", action="store_true", help="only the local folder")
     args = ap.parse_args()
     lines = ["| lake | what | seconds (whole write_lake: 4 tables) |", "|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:
         local = load_settings(None, {"RUNS_ETL_LAKE_URI": f"{tmp}/lake"})
         lines += measure("local folder", local, args.runs)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                                 str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            import boto3
-            import httpx
-
-            url = f"http://127.0.0.1:{port}"
-            for _ in range(300):
-                try:
-                    httpx.get(url, timeout=1)
-                    break
-                except httpx.TransportError:
-                    time.sleep(0.1)
-            boto3.client("s3", endpoint_url=url, aws_access_key_id="a",
-                         aws_secret_access_key="b", region_name="us-east-1"
-                         ).create_bucket(Bucket="bench")
-            options = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "a",
-                       "AWS_SECRET_ACCESS_KEY": "b", "AWS_REGION": "us-east-1",
-                       "AWS_ALLOW_HTTP": "true"}
-            s3 = load_settings(None, {"RUNS_ETL_LAKE_URI": "s3://bench/lake"},
-                               {"lake": {"storage_options": options}})
-            lines += measure("moto S3 on loopback", s3, args.runs)
-        finally:
-            moto.terminate()
-            moto.wait(10)
+        if not args.skip_s3:
+            with moto_s3() as options:
+                s3 = load_settings(None, {"RUNS_ETL_LAKE_URI": "s3://bench/lake"},
+                                   {"lake": {"storage_options": options}})
+                lines += measure("moto S3 on loopback", s3, args.runs)
     print("\n".join(lines))
 
 
