@@ -10,6 +10,7 @@ run (N rows), and a MERGE after a sync that changed 1% of them. Prints one Markd
 from __future__ import annotations
 
 import argparse
+import contextlib
 import socket
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import duckdb
 
 from runs_etl import warehouse
 from runs_etl.config import load_settings
+from runs_etl.outputs import lake
 from runs_etl.outputs.lake import write_lake
 
 
@@ -53,58 +55,94 @@ def change(con, sync_id: int, every: int) -> None:
     sync(con, sync_id)
 
 
+@contextlib.contextmanager
+def per_table_seconds():
+    """Seconds per lake table of the ``write_lake`` calls inside, by wrapping the private
+    ``_write_table`` (where a MERGE's time goes; write_lake itself only reports the total)."""
+    seconds: dict[str, float] = {}
+    original = lake._write_table
+
+    def timed(settings, con, table, sync_id):
+        t0 = time.perf_counter()
+        try:
+            return original(settings, con, table, sync_id)
+        finally:
+            seconds[table] = time.perf_counter() - t0
+
+    lake._write_table = timed
+    try:
+        yield seconds
+    finally:
+        lake._write_table = original
+
+
+def _split(seconds: dict[str, float]) -> str:
+    return ", ".join(f"{t} {s:.2f}" for t, s in seconds.items())
+
+
 def measure(label: str, settings, n: int) -> list[str]:
     con = build(n)
     out = []
-    t0 = time.perf_counter()
-    write_lake(settings, con)
-    out.append(f"| {label} | initial write of {n:,} runs | {time.perf_counter() - t0:.2f} s |")
+    with per_table_seconds() as tables:
+        t0 = time.perf_counter()
+        write_lake(settings, con)
+    out.append(f"| {label} | initial write of {n:,} runs | {time.perf_counter() - t0:.2f} s "
+               f"| {_split(tables)} |")
     for sync_id, every, what in ((2, 1, f"MERGE of {n:,} changed runs"),
                                  (3, 100, f"MERGE of 1% ({n // 100:,}) changed runs")):
         change(con, sync_id, every)
-        t0 = time.perf_counter()
-        result = write_lake(settings, con)
+        with per_table_seconds() as tables:
+            t0 = time.perf_counter()
+            result = write_lake(settings, con)
         out.append(f"| {label} | {what} (runs rows merged: {result.rows['runs']:,}) | "
-                   f"{time.perf_counter() - t0:.2f} s |")
+                   f"{time.perf_counter() - t0:.2f} s | {_split(tables)} |")
     return out
+
+
+@contextlib.contextmanager
+def moto_s3(bucket: str = "bench"):
+    """moto's S3 server in its own process on a free loopback port, with ``bucket`` created;
+    yields the delta-rs storage options (the same names as the AWS_* environment variables)."""
+    import boto3
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(300):
+            try:
+                httpx.get(url, timeout=1)
+                break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        boto3.client("s3", endpoint_url=url, aws_access_key_id="a", aws_secret_access_key="b",
+                     region_name="us-east-1").create_bucket(Bucket=bucket)
+        yield {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b",
+               "AWS_REGION": "us-east-1", "AWS_ALLOW_HTTP": "true"}
+    finally:
+        moto.terminate()
+        moto.wait(10)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=100_000)
+    ap.add_argument("--skip-s3", action="store_true", help="only the local folder")
     args = ap.parse_args()
-    lines = ["| lake | what | seconds (whole write_lake: 4 tables) |", "|---|---|---|"]
+    lines = ["| lake | what | seconds (whole write_lake: 4 tables) | per table |",
+             "|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:
         local = load_settings(None, {"RUNS_ETL_LAKE_URI": f"{tmp}/lake"})
         lines += measure("local folder", local, args.runs)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                                 str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            import boto3
-            import httpx
-
-            url = f"http://127.0.0.1:{port}"
-            for _ in range(300):
-                try:
-                    httpx.get(url, timeout=1)
-                    break
-                except httpx.TransportError:
-                    time.sleep(0.1)
-            boto3.client("s3", endpoint_url=url, aws_access_key_id="a",
-                         aws_secret_access_key="b", region_name="us-east-1"
-                         ).create_bucket(Bucket="bench")
-            options = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "a",
-                       "AWS_SECRET_ACCESS_KEY": "b", "AWS_REGION": "us-east-1",
-                       "AWS_ALLOW_HTTP": "true"}
-            s3 = load_settings(None, {"RUNS_ETL_LAKE_URI": "s3://bench/lake"},
-                               {"lake": {"storage_options": options}})
-            lines += measure("moto S3 on loopback", s3, args.runs)
-        finally:
-            moto.terminate()
-            moto.wait(10)
+        if not args.skip_s3:
+            with moto_s3() as options:
+                s3 = load_settings(None, {"RUNS_ETL_LAKE_URI": "s3://bench/lake"},
+                                   {"lake": {"storage_options": options}})
+                lines += measure("moto S3 on loopback", s3, args.runs)
     print("\n".join(lines))
 
 

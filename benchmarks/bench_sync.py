@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import functools
 import json
 import multiprocessing as mp
 import os
@@ -116,10 +118,13 @@ def _wall(*argv: str, env: dict | None = None) -> float:
     return time.perf_counter() - t0
 
 
-def _sync(url: str, db: Path, *extra: str) -> dict:
-    """One ``runs-etl sync`` in a child process: wall seconds, its own peak RSS, its ledger row."""
+def _sync(url: str, db: Path, *extra: str, lake_env: dict | None = None) -> dict:
+    """One ``runs-etl sync`` in a child process: wall seconds, its own peak RSS, its ledger row,
+    what ``publish()`` took and, with ``lake_env`` (RUNS_ETL_LAKE_URI and any AWS_*), what the
+    lake write took (the ``published`` and ``lake_written`` events)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RUNS_ETL_")}
     env.update(RUNS_ETL_API_URL=url, RUNS_ETL_API_KEY="sim-key", RUNS_ETL_DUCKDB_PATH=str(db))
+    env.update(lake_env or {})
     config = os.environ.get("RUNS_ETL_BENCH_CONFIG")
     args = ["--config", config] if config else []
     with tempfile.TemporaryFile() as log:
@@ -137,6 +142,7 @@ def _sync(url: str, db: Path, *extra: str) -> dict:
         raise SystemExit(f"sync failed with exit code {proc.returncode}")
     events = [json.loads(line) for line in lines if line.startswith("{")]
     publish = [e["seconds"] for e in events if e.get("event") == "published"]
+    lake = [e["seconds"] for e in events if e.get("event") == "lake_written"]
     con = duckdb.connect(str(db), read_only=True)
     keys = ["mode", "pages", "requests", "single_run_requests", "bytes", "runs_seen",
             "rows_new", "rows_updated", "rows_unchanged", "rows_deleted", "seconds_extract",
@@ -148,7 +154,28 @@ def _sync(url: str, db: Path, *extra: str) -> dict:
     out["seconds"] = seconds  # process wall time, Python start-up and imports included
     out["peak_rss_mb"] = usage.ru_maxrss / 1024
     out["publish_seconds"] = publish[0] if publish else None
+    out["lake_seconds"] = lake[0] if lake else None
     return out
+
+
+def _load() -> str:
+    """The 1, 5 and 15 minute load averages (the machine is shared: a figure needs its load)."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+@contextlib.contextmanager
+def _lake(kind: str | None, tmp: Path):
+    """The environment that makes each sync write a Delta lake: none, a local folder under
+    ``tmp``, or a bucket on moto's S3 server (started here, in its own process)."""
+    if kind is None:
+        yield {}
+    elif kind == "local":
+        yield {"RUNS_ETL_LAKE_URI": str(tmp / "lake")}
+    else:
+        from bench_lake import moto_s3  # benchmarks/ is on sys.path when run as a script
+
+        with moto_s3() as options:
+            yield {"RUNS_ETL_LAKE_URI": "s3://bench/lake", **options}
 
 
 def _startup(db: Path) -> dict:
@@ -195,57 +222,81 @@ def main(argv=None) -> int:
     ap.add_argument("--latency", type=float, default=0.1, help="seconds (adaptive runs)")
     ap.add_argument("--adaptive-pages", type=int, default=200)
     ap.add_argument("--memory-limit", help="warehouse.memory_limit for the syncs (e.g. 128MB)")
+    ap.add_argument("--lake", choices=("local", "s3"),
+                    help="every sync also writes a Delta lake: a local folder or moto's S3")
+    ap.add_argument("--skip-floor", action="store_true", help="no fetch floor (1M: minutes)")
+    ap.add_argument("--skip-refresh", action="store_true", help="no full-refresh sync")
+    ap.add_argument("--skip-startup", action="store_true", help="no --help / status timings")
     args = ap.parse_args(argv)
     report: dict = {"runs": args.runs, "concurrency_ceiling": DEFAULT_CONCURRENCY}
     sim = SimProcess(args.runs)
     try:
-        floors = [asyncio.run(_fetch_floor(sim.url, "sim-key", c, 100))
-                  for c in sorted({4, 8, DEFAULT_CONCURRENCY})]
-        report["fetch_floors"] = floors
-        report["fetch_floor"] = min(floors, key=lambda f: f["seconds"])
-        with tempfile.TemporaryDirectory() as tmp:
+        if not args.skip_floor:
+            floors = [asyncio.run(_fetch_floor(sim.url, "sim-key", c, 100))
+                      for c in sorted({4, 8, DEFAULT_CONCURRENCY})]
+            report["fetch_floors"] = floors
+            report["fetch_floor"] = min(floors, key=lambda f: f["seconds"])
+        with tempfile.TemporaryDirectory() as tmp, _lake(args.lake, Path(tmp)) as lake_env:
+            sync = functools.partial(_sync, sim.url, lake_env=lake_env)
             db = Path(tmp) / "bench.duckdb"
             if args.memory_limit:
                 config = Path(tmp) / "bench.toml"
                 config.write_text(f'[warehouse]\nmemory_limit = "{args.memory_limit}"\n')
                 os.environ["RUNS_ETL_BENCH_CONFIG"] = str(config)
-            report["full_sync"] = _sync(sim.url, db)
+            report["uptime_before"] = _load()
+            report["full_sync"] = sync(db)
             if not args.only_full:
                 n = max(1, int(args.runs * args.change_fraction))
                 sim.call("add_runs", n // 2)
                 sim.call("transition", n - n // 2)
-                report["incremental_sync"] = _sync(sim.url, db)
-                report["full_refresh"] = _sync(sim.url, db, "--full-refresh")
+                report["incremental_sync"] = sync(db)
+                if not args.skip_refresh:
+                    report["full_refresh"] = sync(db, "--full-refresh")
             report["db_mb"] = db.stat().st_size / 2**20
-            report["startup"] = _startup(db)
+            if not args.skip_startup:
+                report["startup"] = _startup(db)
+            report["uptime_after"] = _load()
     finally:
         sim.stop()
     if not args.skip_adaptive:
         report["adaptive"] = _adaptive(args.rate_limit, args.latency, args.adaptive_pages)
-    floor, full = report["fetch_floor"], report["full_sync"]
-    report["full_vs_floor_wall"] = full["seconds"] / floor["seconds"]
+    full = report["full_sync"]
+    if "fetch_floor" in report:
+        report["full_vs_floor_wall"] = full["seconds"] / report["fetch_floor"]["seconds"]
+    if full["lake_seconds"] is not None:
+        report["lake_share_of_full_without_lake"] = (
+            full["lake_seconds"] / (full["seconds"] - full["lake_seconds"]))
+    report["publish_share_of_full"] = full["publish_seconds"] / full["seconds"]
     if "incremental_sync" in report:
         inc = report["incremental_sync"]
         report["incremental_bytes_share"] = inc["bytes"] / full["bytes"]
         report["incremental_time_share_wall"] = inc["seconds"] / full["seconds"]
     print(json.dumps(report, indent=2, default=str))
-    print(f"\n| {args.runs:,} runs | wall s (process) | sync s (ledger) | publish s | requests "
-          "| MB transferred | peak RSS MB |\n|---|---|---|---|---|---|---|")
-    for f in report["fetch_floors"]:
+    print(f"\nload before: {report['uptime_before']}; after: {report['uptime_after']}")
+    print(f"\n| {args.runs:,} runs | wall s (process) | sync s (ledger) | publish s | lake s "
+          "| requests | MB transferred | peak RSS MB |\n|---|---|---|---|---|---|---|---|")
+    for f in report.get("fetch_floors", []):
         print(f"| fetch floor, httpx + orjson, concurrency {f['concurrency']} | "
-              f"{f['seconds']:.2f} | | | {f['pages']} | {f['bytes'] / 2**20:.1f} | |")
+              f"{f['seconds']:.2f} | | | | {f['pages']} | {f['bytes'] / 2**20:.1f} | |")
     for name in ("full_sync", "incremental_sync", "full_refresh"):
         if name in report:
             r = report[name]
+            lake = "" if r["lake_seconds"] is None else f"{r['lake_seconds']:.2f}"
             print(f"| {name.replace('_', ' ')} | {r['seconds']:.2f} | {r['seconds_total']:.2f} | "
-                  f"{r['publish_seconds']:.3f} | {r['requests']} | {r['bytes'] / 2**20:.1f} | "
-                  f"{r['peak_rss_mb']:.0f} |")
-    print(f"\nfull sync / floor (wall): {report['full_vs_floor_wall']:.2f}x")
+                  f"{r['publish_seconds']:.3f} | {lake} | {r['requests']} | "
+                  f"{r['bytes'] / 2**20:.1f} | {r['peak_rss_mb']:.0f} |")
+    print(f"\npublish / full sync (wall): {report['publish_share_of_full']:.2%}")
+    if "lake_share_of_full_without_lake" in report:
+        print("lake write / rest of the full sync (wall): "
+              f"{report['lake_share_of_full_without_lake']:.1%}")
+    if "full_vs_floor_wall" in report:
+        print(f"full sync / floor (wall): {report['full_vs_floor_wall']:.2f}x")
     if "incremental_time_share_wall" in report:
         print(f"incremental / full (wall): {report['incremental_time_share_wall']:.1%}")
-    st = report["startup"]
-    print(f"--help: {min(st['help']):.2f}-{max(st['help']):.2f} s; "
-          f"status: {min(st['status']):.2f}-{max(st['status']):.2f} s")
+    if "startup" in report:
+        st = report["startup"]
+        print(f"--help: {min(st['help']):.2f}-{max(st['help']):.2f} s; "
+              f"status: {min(st['status']):.2f}-{max(st['status']):.2f} s")
     if "adaptive" in report:
         print(f"\n| client, {args.adaptive_pages} pages | seconds | 429s | retries | peak limit |"
               "\n|---|---|---|---|---|")
