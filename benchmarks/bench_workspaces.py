@@ -22,10 +22,12 @@ import time
 from pathlib import Path
 
 
-def start_sim(runs: int, seed: int, key: str) -> tuple[subprocess.Popen, str]:
+def start_sim(runs: int, seed: int, key: str, latency: float = 0.0
+              ) -> tuple[subprocess.Popen, str]:
     """A simulator process on a free loopback port; returns it and its base URL."""
     proc = subprocess.Popen([sys.executable, "-m", "runs_etl.sim", "--runs", str(runs),
-                             "--seed", str(seed), "--api-key", key, "--port", "0"],
+                             "--seed", str(seed), "--api-key", key, "--port", "0",
+                             "--latency", str(latency)],
                             stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()  # "SIM_URL=..." once it listens (after generating the runs)
     if not line.startswith("SIM_URL="):
@@ -66,12 +68,17 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=100_000, help="runs per workspace")
     ap.add_argument("--repeat", type=int, default=1, help="one, then two workspaces, this often")
+    ap.add_argument("--latency", type=float, default=0.0,
+                    help="seconds each simulator adds per request: a real API is slower than "
+                         "loopback, and then the workspaces' walks overlap")
     args = ap.parse_args(argv)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RUNS_ETL_")}
     env.update(BENCH_KEY_A="key-a", BENCH_KEY_B="key-b")
-    sims = [start_sim(args.runs, 1, "key-a"), start_sim(args.runs, 2, "key-b")]
+    sims = [start_sim(args.runs, 1, "key-a", args.latency),
+            start_sim(args.runs, 2, "key-b", args.latency)]
     (_, url_a), (_, url_b) = sims
-    report: dict = {"runs_per_workspace": args.runs, "one": [], "two": []}
+    report: dict = {"runs_per_workspace": args.runs, "latency": args.latency, "one": [],
+                    "two": []}
     try:
         with tempfile.TemporaryDirectory() as tmp:
             one = write_config(Path(tmp) / "one.toml", [("a", url_a, "BENCH_KEY_A")])
