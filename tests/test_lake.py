@@ -303,6 +303,34 @@ def test_a_local_folder_lake_and_its_errors(tmp_path, make_sim, run_cli):
     assert (folder / "runs" / "workspace=default").is_dir()
 
 
+def test_a_changed_partition_by_month_is_told_to_rebuild(tmp_path, make_sim, run_cli):
+    """The runs MERGE names the partitions it touches (so that delta-rs reads only those): a
+    lake partitioned otherwise than the settings say gets one Error line naming `lake rebuild`,
+    and the rebuild fixes it."""
+    sim = make_sim(200)
+    db = tmp_path / "runs.duckdb"
+    folder = str(tmp_path / "lake")
+    assert run_cli(sim, "sync", "-q", RUNS_ETL_LAKE_URI=folder)[0] == 0
+    config = tmp_path / "flat.toml"
+    config.write_text("[lake]\npartition_by_month = false\n", encoding="utf-8")
+
+    sim.transition(30)
+    code, _, err = run_cli(sim, "sync", "-q", "--config", str(config), RUNS_ETL_LAKE_URI=folder)
+    line = error_line(err)
+    assert code == 1 and "sync committed, lake write failed" in line
+    assert "partitioned by ['workspace', 'created_month']" in line
+    assert "runs-etl lake rebuild" in line
+
+    code, out, _ = run_cli(sim, "lake", "rebuild", "--config", str(config),
+                           RUNS_ETL_LAKE_URI=folder)
+    assert code == 0 and "rebuilt" in out
+    assert DeltaTable(f"{folder}/runs").metadata().partition_columns == ["workspace"]
+    sim.transition(30)
+    assert run_cli(sim, "sync", "-q", "--config", str(config), RUNS_ETL_LAKE_URI=folder)[0] == 0
+    for table in KEYS:
+        assert lake_rows(folder, table) == warehouse_rows(db, table), table
+
+
 def test_lake_settings_are_checked_and_secrets_stay_out_of_messages(tmp_path, make_sim):
     from runs_etl.config import load_settings
     from runs_etl.errors import ConfigError

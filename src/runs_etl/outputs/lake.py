@@ -40,6 +40,8 @@ MONTH_COLUMN = "created_month"  # runs' partition column: the UTC month of creat
 BATCH_ROWS = 65_536  # Arrow batch size out of DuckDB: memory stays flat whatever the table size
 COMMIT_ATTEMPTS = 3  # a MERGE that lost a race with `lake optimize` is recomputed and retried
 HISTORY_PEEK = 20  # commits read before the whole history, looking for SYNC_ID_KEY
+HELD_FILTER_ROWS = 1_000_000  # lake node rows gathered before one is_in filter over them
+PRUNE_VALUES_MAX = 1_000  # partition values named in a MERGE predicate; beyond, no pruning
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 T = TypeVar("T")
@@ -193,6 +195,17 @@ def _partitions(table: str, settings: Settings) -> list[str] | None:
     return None
 
 
+def _check_layout(settings: Settings, dt: Any, table: str) -> None:
+    """A table partitioned otherwise than these settings write it (``partition_by_month``
+    changed without a rebuild) cannot be merged into: the MERGE names its partitions."""
+    want = _partitions(table, settings) or []
+    have = list(dt.metadata().partition_columns)
+    if have != want:
+        raise LakeError(f"{table_uri(settings, table)} is partitioned by {have or 'nothing'}, "
+                        f"this runs-etl writes it partitioned by {want or 'nothing'}: run "
+                        "`runs-etl lake rebuild` to rewrite the lake in this layout")
+
+
 # --- writing ----------------------------------------------------------------------------------
 
 def _create(settings: Settings, con, table: str, sync_id: int) -> int:
@@ -205,12 +218,48 @@ def _create(settings: Settings, con, table: str, sync_id: int) -> int:
     return _count(con, sql)
 
 
+def _sql_literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _partition_values(con, sql: str, params: dict,
+                      columns: list[str]) -> dict[str, list[str | None]]:
+    """The values each partition column takes in the rows of ``sql``; a column with more than
+    PRUNE_VALUES_MAX of them is left out (it would not prune)."""
+    out = {}
+    for c in columns:
+        values = [v for (v,) in con.execute(f'SELECT DISTINCT "{c}" FROM ({sql})',
+                                            params).fetchall()]
+        if len(values) <= PRUNE_VALUES_MAX:
+            out[c] = values
+    return out
+
+
+def _partition_filter(values: dict[str, list[str | None]]) -> str:
+    """`` AND t.<col> IN (...)`` per partition column, listing the values the change set holds,
+    so that delta-rs reads and rewrites only those partitions: a MERGE streams its source, so
+    delta-rs derives no such pruning from the source by itself and would scan every file of the
+    table. Joining on the key alone stays correct because a run never changes partition:
+    ``workspace`` is part of the key and ``created_month`` comes from ``created_at``, which the
+    API sets when the run is created (the walk is ordered by it)."""
+    out = ""
+    for c, vals in values.items():
+        listed = [_sql_literal(str(v)) for v in vals if v is not None]
+        terms = [f"t.{c} IN ({', '.join(listed)})"] if listed else []
+        if None in vals:
+            terms.append(f"t.{c} IS NULL")
+        out += f" AND ({' OR '.join(terms) or 'FALSE'})"
+    return out
+
+
 def _merge_rows(settings: Settings, con, dt: Any, table: str, since: int, sync_id: int) -> int:
     sql, params = _changes(con, table, settings, since)
     n = _count(con, sql, params)
     if n == 0:
         return 0
     on = " AND ".join(f"t.{k} = s.{k}" for k in KEYS[table])
+    on += _partition_filter(_partition_values(con, sql, params,
+                                              _partitions(table, settings) or []))
     (dt.merge(_reader(con, sql, params), on, source_alias="s", target_alias="t",
               merge_schema=True, commit_properties=_commit(sync_id))
        .when_matched_update_all().when_not_matched_insert_all().execute())
@@ -227,10 +276,22 @@ def _held_nodes(dt: Any, run_ids: pa.ChunkedArray) -> pa.Table:
     columns = ["workspace", "run_id", "position"]
     schema = pa.schema([dataset.schema.field(c) for c in columns])  # Delta's types: string
     wanted = run_ids.cast(schema.field("run_id").type)
-    parts = [schema.empty_table()]
-    for batch in dataset.to_batches(columns=columns):
-        part = pa.Table.from_batches([batch]).cast(schema)
+    parts, rows = [schema.empty_table()], 0
+    pending: list[pa.RecordBatch] = []
+
+    def flush() -> None:  # is_in hashes ``wanted`` on each call: once per HELD_FILTER_ROWS
+        part = pa.Table.from_batches(pending).cast(schema)
         parts.append(part.filter(pc.is_in(part["run_id"], value_set=wanted)))
+        pending.clear()
+
+    for batch in dataset.to_batches(columns=columns):
+        pending.append(batch)
+        rows += batch.num_rows
+        if rows >= HELD_FILTER_ROWS:
+            flush()
+            rows = 0
+    if pending:
+        flush()
     return pa.concat_tables(parts)
 
 
@@ -283,6 +344,8 @@ def _write_table(settings: Settings, con, table: str, sync_id: int) -> tuple[int
                             "not written by runs-etl; run `runs-etl lake rebuild` to replace it")
         if since >= sync_id:
             return 0, dt.version()
+        if table == "runs":
+            _check_layout(settings, dt, table)
         if table == "run_nodes":
             n = _merge_nodes(settings, con, dt, since, sync_id)
         else:
