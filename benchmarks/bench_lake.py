@@ -4,7 +4,9 @@
 
 A warehouse of N synthetic runs (3 nodes each, 50 workflows, 2 workspaces) is built in memory;
 then ``write_lake`` is timed for: the initial write, a MERGE after a sync that changed every
-run (N rows), and a MERGE after a sync that changed 1% of them. Prints one Markdown table.
+run (N rows), a MERGE after a sync that changed 1% of them spread over every partition (the worst
+case: every file holds a changed run), and one after a sync that changed the newest 1% (what an
+incremental sync brings). Prints one Markdown table, with the seconds per lake table.
 """
 
 from __future__ import annotations
@@ -49,9 +51,14 @@ def sync(con, sync_id: int) -> None:
                 "VALUES ('prod', ?, now(), 'success')", [sync_id])
 
 
-def change(con, sync_id: int, every: int) -> None:
-    con.execute("UPDATE runs SET status = 'failed', _sync_id = $s "
-                "WHERE hash(id) % $every = 0", {"s": sync_id, "every": every})
+def change(con, sync_id: int, every: int, newest: bool = False) -> None:
+    """Change every ``every``-th run, spread over all partitions by a hash of the id, or
+    (``newest``) the newest 1/``every`` of the runs, as an incremental sync sees them: runs
+    created or finished since the last sync, all in the latest month or two."""
+    where = ("created_at >= (SELECT quantile_disc(created_at, 1 - 1 / $every) FROM runs)"
+             if newest else "hash(id) % $every = 0")
+    con.execute(f"UPDATE runs SET status = 'failed', _sync_id = $s WHERE {where}",
+                {"s": sync_id, "every": every})
     sync(con, sync_id)
 
 
@@ -88,9 +95,11 @@ def measure(label: str, settings, n: int) -> list[str]:
         write_lake(settings, con)
     out.append(f"| {label} | initial write of {n:,} runs | {time.perf_counter() - t0:.2f} s "
                f"| {_split(tables)} |")
-    for sync_id, every, what in ((2, 1, f"MERGE of {n:,} changed runs"),
-                                 (3, 100, f"MERGE of 1% ({n // 100:,}) changed runs")):
-        change(con, sync_id, every)
+    for sync_id, every, newest, what in (
+            (2, 1, False, f"MERGE of {n:,} changed runs"),
+            (3, 100, False, f"MERGE of 1% ({n // 100:,}) changed runs, spread over every month"),
+            (4, 100, True, f"MERGE of 1% ({n // 100:,}) changed runs, the newest")):
+        change(con, sync_id, every, newest)
         with per_table_seconds() as tables:
             t0 = time.perf_counter()
             result = write_lake(settings, con)
