@@ -208,3 +208,14 @@ class Sleeps(list):
 
     async def __call__(self, seconds: float) -> None:
         self.append(seconds)
+
+
+def fetch_page_1(client: ApiClient):
+    """Page 1 through ``client``, which is closed afterwards; errors propagate."""
+    async def main():
+        try:
+            return await client.fetch_page(1)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(main())

@@ -9,7 +9,7 @@ from email.utils import format_datetime
 
 import httpx
 import pytest
-from fakeapi import API_KEY, BASE_URL, FakeApi, Sleeps, make_run, make_runs
+from fakeapi import API_KEY, BASE_URL, FakeApi, Sleeps, fetch_page_1, make_run, make_runs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -236,16 +236,11 @@ def test_rejected_key_is_an_auth_error_that_names_the_setting_but_not_the_key(st
         return httpx.Response(status, json={"detail": f"bad key {API_KEY}"},
                               headers={"x-request-id": "req-auth"})
 
-    async def main():
-        client = ApiClient.from_settings(settings_, transport=httpx.MockTransport(handler))
-        client.sleep = Sleeps()
-        try:
-            await client.fetch_page(1)
-        finally:
-            await client.aclose()
+    client = ApiClient.from_settings(settings_, transport=httpx.MockTransport(handler))
+    client.sleep = Sleeps()
 
     with pytest.raises(AuthError) as info:
-        asyncio.run(main())
+        fetch_page_1(client)
     assert seen == [API_KEY]  # sent once as X-API-Key, never retried
     err = info.value
     assert "RUNS_ETL_API_KEY" in str(err)
@@ -258,15 +253,10 @@ def test_422_is_fatal_with_the_server_detail_and_not_retried():
     api = FakeApi(make_runs(3))
     sleeps = Sleeps()
 
-    async def main():
-        client = api.client(page_size=500, sleep=sleeps)
-        try:
-            await client.fetch_page(1)
-        finally:
-            await client.aclose()
+    client = api.client(page_size=500, sleep=sleeps)
 
     with pytest.raises(FatalApiError) as info:
-        asyncio.run(main())
+        fetch_page_1(client)
     assert len(api.requests) == 1 and sleeps == []
     assert info.value.status == 422
     assert "query.size" in str(info.value) and "less than or equal to 100" in str(info.value)
@@ -300,14 +290,9 @@ def test_from_settings_sends_key_and_user_agent():
                                      "RUNS_ETL_API_KEY": API_KEY})
     handler = scripted(ok())
 
-    async def main():
-        client = ApiClient.from_settings(settings_, transport=httpx.MockTransport(handler))
-        try:
-            await client.fetch_page(1)
-        finally:
-            await client.aclose()
+    client = ApiClient.from_settings(settings_, transport=httpx.MockTransport(handler))
 
-    asyncio.run(main())
+    fetch_page_1(client)
     (request,) = handler.calls
     assert request.headers["x-api-key"] == API_KEY
     assert request.headers["user-agent"].startswith("runs-etl/")

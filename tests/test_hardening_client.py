@@ -12,7 +12,7 @@ import re
 import duckdb
 import httpx
 import pytest
-from fakeapi import API_KEY, Sleeps
+from fakeapi import API_KEY, Sleeps, fetch_page_1
 from faultserver import HOSTILE, FaultServer, Reply, bad_gzip, json_reply, page, redirect
 
 from runs_etl.config import load_settings, redact_url
@@ -289,15 +289,10 @@ def test_an_api_url_with_a_path_keeps_one_slash(tmp_path):
 
     settings = settings_at("https://gw.example.com/noxus/", tmp_path)
 
-    async def main():
-        client = ApiClient.from_settings(settings, transport=httpx.MockTransport(handler))
-        try:
-            await client.fetch_page(1)
-        finally:
-            await client.aclose()
+    client = ApiClient.from_settings(settings, transport=httpx.MockTransport(handler))
 
     with pytest.raises(FatalApiError) as info:
-        asyncio.run(main())
+        fetch_page_1(client)
     assert seen == ["/noxus/v1/runs"]
     assert "https://gw.example.com/noxus/v1/runs answered 400" in str(info.value)
     assert not re.search(r"[^:]//", str(info.value))
