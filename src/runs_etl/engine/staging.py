@@ -10,7 +10,6 @@ verification, delete candidates and the merge.
 from __future__ import annotations
 
 import asyncio
-import glob
 import os
 import shutil
 import tempfile
@@ -23,6 +22,7 @@ import pyarrow.parquet as pq
 
 from ..config import DEFAULT_WORKSPACE
 from ..errors import WarehouseError
+from ..warehouse.connect import sql_glob
 from .client import FetchedPage
 from .models import TERMINAL_STATUSES
 from .normalize import RUN_NODES_SCHEMA, RUNS_SCHEMA, WORKFLOWS_SCHEMA, Batch, normalize
@@ -70,11 +70,9 @@ class Stage:
         self._write({k: s.empty_table() for k, s in _KINDS.items()})
         for kind, view in (("runs", "stage_runs"), ("workflows", "stage_workflows"),
                            ("nodes", "stage_nodes"), ("rejected", "stage_rejected")):
-            # The folder derives from the database path, which may hold glob characters
-            # ("x[1]/runs.duckdb"): DuckDB reads them as a pattern unless escaped.
-            pattern = (glob.escape(str(self.dir)) + f"/{kind}-*.parquet").replace("'", "''")
+            # The folder derives from the database path, which may hold glob characters.
             con.execute(f"CREATE OR REPLACE TEMP VIEW {view} AS "
-                        f"SELECT * FROM read_parquet('{pattern}')")
+                        f"SELECT * FROM read_parquet({sql_glob(self.dir, f'{kind}-*.parquet')})")
 
     def _write(self, tables: dict[str, pa.Table]) -> None:
         n = self._files

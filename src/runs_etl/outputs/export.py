@@ -33,7 +33,6 @@ a reader's open connection is not pulled from under it by every export.
 
 from __future__ import annotations
 
-import glob
 import importlib.resources
 import json
 import os
@@ -50,7 +49,7 @@ from filelock import FileLock, Timeout
 from ..config import Settings
 from ..engine.staging import STAGING_PREFIX
 from ..errors import ConfigError, LockedError, WarehouseError
-from ..warehouse.connect import open_read_only
+from ..warehouse.connect import open_read_only, sql_glob, sql_string
 from ..warehouse.views import apply_views, view_sql
 
 CURRENT = "current"
@@ -186,15 +185,6 @@ def _columns(con, table: str) -> str:
                      for c, typ in cols if c not in DROP_COLUMNS[table])
 
 
-def _sql_path(path: Path) -> str:
-    return "'" + str(path).replace("'", "''") + "'"
-
-
-def _sql_glob(folder: Path, pattern: str) -> str:
-    """``folder/pattern`` for ``read_parquet``: glob characters in the folder ("x[1]") are
-    escaped, or DuckDB would read them as part of the pattern and find no file."""
-    return _sql_path(Path(glob.escape(str(folder))) / pattern)
-
 
 def _sql_texts() -> list[str]:
     """The ``sql/`` files' texts in the order ``apply_views`` runs them."""
@@ -233,14 +223,14 @@ def _write_tables(con, staging: Path, version: str, result: ExportResult) -> dic
             folder = staging / name
             folder.mkdir()
             if name == "runs":
-                target = (f"{_sql_path(folder)} ({opts}, PARTITION_BY {RUNS_PARTITIONS}, "
+                target = (f"{sql_string(str(folder))} ({opts}, PARTITION_BY {RUNS_PARTITIONS}, "
                           f"FILENAME_PATTERN 'part-{version}-{{i}}')")
             else:
-                target = f"{_sql_path(folder / f'part-{version}.parquet')} ({opts})"
+                target = f"{sql_string(str(folder / f'part-{version}.parquet'))} ({opts})"
             (rows,) = cur.execute(f"COPY ({query}) TO {target}").fetchall()[0]
             if name == "runs" and rows == 0:  # no partition, no file: readers' globs need one
                 empty = folder / f"part-{version}-empty.parquet"
-                cur.execute(f"COPY ({query} LIMIT 0) TO {_sql_path(empty)} ({opts})")
+                cur.execute(f"COPY ({query} LIMIT 0) TO {sql_string(str(empty))} ({opts})")
             files = sorted(p for p in folder.rglob("*.parquet"))
             result.rows[name] = rows
             result.files += len(files)
@@ -282,12 +272,12 @@ def _table_views(cur: Path) -> list[str]:
         # year and month are the layout's, not the warehouse's.
         "CREATE OR REPLACE VIEW runs AS SELECT * EXCLUDE (year, month), "
         "CAST(NULL AS TIMESTAMPTZ) AS _deleted_at "
-        f"FROM read_parquet({_sql_glob(cur / 'runs', '**/*.parquet')}, "
+        f"FROM read_parquet({sql_glob(cur / 'runs', '**/*.parquet')}, "
         "hive_partitioning = true, hive_types_autocast = false);",
     ]
     for name in ("workflows", "run_nodes", *LEDGER_TABLES, *HISTORY_TABLES):
         stmts.append(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM "
-                     f"read_parquet({_sql_glob(cur / name, '*.parquet')});")
+                     f"read_parquet({sql_glob(cur / name, '*.parquet')});")
     return stmts
 
 

@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 
 from ..config import Settings, redact_url
 from ..errors import LakeError
-from ..warehouse.connect import open_read_only
+from ..warehouse.connect import open_read_only, sql_string
 
 log = logging.getLogger("runs_etl.lake")
 
@@ -218,10 +218,6 @@ def _create(settings: Settings, con, table: str, sync_id: int) -> int:
     return _count(con, sql)
 
 
-def _sql_literal(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
-
-
 def _partition_values(con, sql: str, params: dict,
                       columns: list[str]) -> dict[str, list[str | None]]:
     """The values each partition column takes in the rows of ``sql``; a column with more than
@@ -244,7 +240,7 @@ def _partition_filter(values: dict[str, list[str | None]]) -> str:
     API sets when the run is created (the walk is ordered by it)."""
     out = ""
     for c, vals in values.items():
-        listed = [_sql_literal(str(v)) for v in vals if v is not None]
+        listed = [sql_string(str(v)) for v in vals if v is not None]
         terms = [f"t.{c} IN ({', '.join(listed)})"] if listed else []
         if None in vals:
             terms.append(f"t.{c} IS NULL")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import glob
 import os
 from pathlib import Path
 
@@ -81,6 +82,13 @@ def _locked_by_another_process(path: Path, read_only: bool) -> bool:
 def sql_string(text: str) -> str:
     """A SQL string literal (quotes doubled)."""
     return "'" + text.replace("'", "''") + "'"
+
+
+def sql_glob(folder: Path, pattern: str) -> str:
+    """``folder/pattern`` as a literal for ``read_parquet``: glob characters in the folder
+    ("x[1]", from the database path) are escaped, or DuckDB would read them as part of the
+    pattern and find no file."""
+    return sql_string(str(Path(glob.escape(str(folder))) / pattern))
 
 
 def open_read_only(wh: WarehouseSettings):
