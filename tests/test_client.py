@@ -343,7 +343,8 @@ def test_fetch_run_returns_the_run():
         finally:
             await client.aclose()
 
-    run, single = asyncio.run(main())
+    page, single = asyncio.run(main())
+    (run,) = page.runs
     assert run.id == make_run(2)["id"] and run.status == "running" and not run.is_terminal
     assert single == 1
 
@@ -367,9 +368,9 @@ def test_fetch_run_of_a_deleted_run_returns_none():
 def test_fetch_run_with_a_broken_body_is_retried():
     sleeps = Sleeps()
     good = httpx.Response(200, json=make_run(5))
-    run, _ = run_client(scripted(httpx.Response(200, json={"id": "x"}), good),
-                        lambda c: c.fetch_run(make_run(5)["id"]), sleeps=sleeps)
-    assert run.id == make_run(5)["id"] and len(sleeps) == 1
+    page, _ = run_client(scripted(httpx.Response(200, json={"id": "x"}), good),
+                         lambda c: c.fetch_run(make_run(5)["id"]), sleeps=sleeps)
+    assert page.runs[0].id == make_run(5)["id"] and len(sleeps) == 1
 
 
 # --- stats ---------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ def parsed(run_dicts: list[dict]):
     body = {"items": run_dicts, "total": None, "page": 1, "size": 100, "pages": None}
     page = parse_page(json.dumps(body).encode())
     assert page.rejected == [], page.rejected
-    return page.runs
+    return page
 
 
 def upsert(con, sync_id: int, pages: list[tuple[int, list[dict]]],
@@ -53,13 +53,7 @@ def upsert(con, sync_id: int, pages: list[tuple[int, list[dict]]],
     try:
         groups = batches or [[i] for i in range(len(pages))]
         for group in groups:
-            runs, seqs = [], []
-            for i in group:
-                seq, dicts = pages[i]
-                page_runs = parsed(dicts)
-                runs += page_runs
-                seqs += [seq] * len(page_runs)
-            stage.add(normalize(runs, seqs))
+            stage.add(normalize([(pages[i][0], parsed(pages[i][1])) for i in group]))
         return merge(con, "default", sync_id)
     finally:
         stage.close()

@@ -16,7 +16,7 @@ from runs_etl.engine.models import EnvelopeError, ParsedPage, Run, parse_page, p
 def body(items, **envelope) -> bytes:
     doc = {"items": items, "total": len(items), "page": 1, "size": 50, "pages": 1}
     doc.update(envelope)
-    return json.dumps(doc).encode()
+    return json.dumps(doc, ensure_ascii=False).encode()  # as a FastAPI server sends it
 
 
 def instant_of(value: datetime) -> datetime:
@@ -24,8 +24,13 @@ def instant_of(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value
 
 
+def one_page(**fields) -> ParsedPage:
+    return parse_run(json.dumps(make_run(1, **fields), ensure_ascii=False).encode())
+
+
 def one(**fields) -> Run:
-    return parse_run(json.dumps(make_run(1, **fields)).encode())
+    (run,) = one_page(**fields).runs
+    return run
 
 
 def test_a_clean_page_parses_every_run_with_its_totals():
@@ -35,17 +40,30 @@ def test_a_clean_page_parses_every_run_with_its_totals():
     assert (page.total, page.pages) == (120, 3)
 
 
-def test_unknown_fields_are_kept_in_model_extra():
-    run = one(output={"answer": "ünïcode ✓"}, meta={"tags": ["a"]}, single_node_id=None)
-    assert run.model_extra == {"output": {"answer": "ünïcode ✓"}, "meta": {"tags": ["a"]},
-                               "single_node_id": None}
-    assert run.workflow is not None
+def test_unknown_fields_are_kept_as_json_text():
+    page = one_page(output={"answer": "ünïcode ✓"}, meta={"tags": ["a"]}, single_node_id=None)
+    assert json.loads(page.raw.extra[0]) == {"output": {"answer": "ünïcode ✓"},
+                                             "meta": {"tags": ["a"]}, "single_node_id": None}
+    assert page.runs[0].workflow is not None
 
 
 def test_unknown_workflow_fields_are_kept_too():
     wf = make_run(1)["workflow"] | {"workflow_hash": "abc", "meta": {"icon": "x"}}
-    run = one(workflow=wf)
-    assert run.workflow.model_extra == {"workflow_hash": "abc", "meta": {"icon": "x"}}
+    page = one_page(workflow=wf)
+    snapshot = page.raw.workflows[wf["id"]]
+    assert snapshot.workflow is page.runs[0].workflow
+    assert json.loads(snapshot.extra) == {"workflow_hash": "abc", "meta": {"icon": "x"}}
+    assert json.loads(snapshot.definition) == wf["definition"]
+
+
+def test_json_values_are_kept_exactly_as_sent():
+    """Digits, key order and escapes of JSON values are the API's: nothing is re-encoded."""
+    run = json.dumps(make_run(1, input=None, workflow=None, output=None))
+    run = run.replace('"input": null', '"input": {"b": 1.10, "a": 12345678901234567890123}')
+    run = run.replace('"output": null', '"output": "caf\\u00e9"')
+    page = parse_page(b'{"items": [' + run.encode() + b'], "total": 1}')
+    assert page.raw.input == [b'{"b": 1.10, "a": 12345678901234567890123}']
+    assert page.raw.extra == [b'{"output":"caf\\u00e9"}']
 
 
 @pytest.mark.parametrize("status", ["awaiting_human_feedback", "paused", "RUNNING", ""])
@@ -98,8 +116,9 @@ def test_node_ids_may_be_null_a_list_or_an_object(node_ids):
 
 
 def test_null_progress_input_definitions_and_source_are_accepted():
-    run = one(progress=None, input=None, definitions=None, source=None)
-    assert (run.progress, run.input, run.definitions, run.source) == (None, None, None, None)
+    page = one_page(progress=None, input=None, definitions=None, source=None)
+    assert (page.runs[0].progress, page.runs[0].source) == (None, None)
+    assert page.raw.input == page.raw.definitions == [None]  # SQL NULL, not the text null
 
 
 def test_a_record_without_id_is_rejected_with_its_raw_json_and_the_others_kept():
@@ -229,3 +248,7 @@ def test_any_body_is_a_page_or_a_data_error(raw: bytes):
         return  # the response is broken: retried, then one clear error
     assert isinstance(page, ParsedPage)
     assert all(isinstance(r, Run) for r in page.runs)
+    n = len(page.runs)
+    assert len(page.raw.input) == len(page.raw.definitions) == len(page.raw.extra) == n
+    for text in page.raw.input + page.raw.definitions + page.raw.extra:
+        assert text is None or json.loads(text) is not None  # JSON, never the text null

@@ -11,7 +11,7 @@ import pytest
 from fakeapi import make_run, make_runs
 
 from runs_etl import warehouse
-from runs_etl.engine.models import Run, parse_page
+from runs_etl.engine.models import ParsedPage, parse_page
 from runs_etl.engine.normalize import (
     RUN_NODES_SCHEMA,
     RUNS_SCHEMA,
@@ -32,11 +32,19 @@ TRICKY = {
 }
 
 
-def runs_from(*dicts) -> list[Run]:
+def page_of(*dicts) -> ParsedPage:
     body = {"items": list(dicts), "total": len(dicts), "page": 1, "size": 100, "pages": 1}
-    page = parse_page(json.dumps(body).encode())
+    page = parse_page(json.dumps(body, ensure_ascii=False).encode())
     assert page.rejected == []
-    return page.runs
+    return page
+
+
+def pages(*dicts, seqs: list[int] | None = None) -> list[tuple[int, ParsedPage]]:
+    """One page of ``dicts`` (arrival seq 1), or with ``seqs`` one page per run, each with its
+    own arrival seq."""
+    if seqs is None:
+        return [(1, page_of(*dicts))]
+    return [(seq, page_of(d)) for d, seq in zip(dicts, seqs, strict=True)]
 
 
 def column(table: pa.Table, name: str) -> list:
@@ -44,7 +52,7 @@ def column(table: pa.Table, name: str) -> list:
 
 
 def test_tables_have_exactly_the_declared_schemas():
-    batch = normalize(runs_from(*make_runs(3)), [1, 2, 3])
+    batch = normalize(pages(*make_runs(3), seqs=[1, 2, 3]))
     assert batch.runs.schema.equals(RUNS_SCHEMA)
     assert batch.workflows.schema.equals(WORKFLOWS_SCHEMA)
     assert batch.run_nodes.schema.equals(RUN_NODES_SCHEMA)
@@ -52,7 +60,7 @@ def test_tables_have_exactly_the_declared_schemas():
 
 
 def test_no_runs_give_empty_tables_with_the_schemas():
-    batch = normalize([], [])
+    batch = normalize([])
     assert batch.runs.num_rows == batch.workflows.num_rows == batch.run_nodes.num_rows == 0
     assert batch.runs.schema.equals(RUNS_SCHEMA)
     assert batch.run_nodes.schema.equals(RUN_NODES_SCHEMA)
@@ -85,7 +93,7 @@ def test_arrow_column_types_match_the_warehouse_columns(schema, table):
 
 def test_scalar_columns_carry_the_api_values():
     raw = make_run(7, status="awaiting_human_feedback", progress=40, source="webhook")
-    t = runs_table(runs_from(raw), [11])
+    t = runs_table(pages(raw, seqs=[11]))
     row = t.to_pylist()[0]
     assert row["id"] == raw["id"] and row["group_id"] == raw["group_id"]
     assert row["workflow_id"] == raw["workflow_id"]
@@ -97,21 +105,19 @@ def test_scalar_columns_carry_the_api_values():
 @pytest.mark.parametrize("text", ["2024-05-01T12:00:00+02:00", "2024-05-01T10:00:00Z",
                                   "2024-05-01T10:00:00", "2024-05-01T06:00:00-04:00"])
 def test_timestamps_become_utc_microseconds(text):
-    t = runs_table(runs_from(make_run(1, created_at=text, finished_at=None)), [1])
+    t = runs_table(pages(make_run(1, created_at=text, finished_at=None)))
     assert column(t, "created_at") == [datetime(2024, 5, 1, 10, tzinfo=UTC)]
     assert column(t, "finished_at") == [None]
 
 
 def test_a_batch_mixing_naive_and_offset_timestamps_converts_each_right():
-    runs = runs_from(make_run(1, created_at="2024-05-01T10:00:00.000001"),
-                     make_run(2, created_at="2024-05-01T12:00:00.000001+02:00"))
-    t = runs_table(runs, [1, 1])
+    t = runs_table(pages(make_run(1, created_at="2024-05-01T10:00:00.000001"),
+                         make_run(2, created_at="2024-05-01T12:00:00.000001+02:00")))
     assert column(t, "created_at") == [datetime(2024, 5, 1, 10, 0, 0, 1, tzinfo=UTC)] * 2
 
 
 def test_json_objects_stay_json_text_that_round_trips_unicode():
-    t = runs_table(runs_from(make_run(1, input=TRICKY, definitions={"x": ["ü", {"y": None}]})),
-                   [1])
+    t = runs_table(pages(make_run(1, input=TRICKY, definitions={"x": ["ü", {"y": None}]})))
     (text,) = column(t, "input")
     assert isinstance(text, str)
     assert json.loads(text) == TRICKY
@@ -121,19 +127,19 @@ def test_json_objects_stay_json_text_that_round_trips_unicode():
 
 @pytest.mark.parametrize("value", ["just a string", 42, [1, "two"], True, {}])
 def test_non_object_json_values_are_json_text_too(value):
-    t = runs_table(runs_from(make_run(1, input=value)), [1])
+    t = runs_table(pages(make_run(1, input=value)))
     assert json.loads(column(t, "input")[0]) == value
 
 
 def test_null_json_is_sql_null_not_the_text_null():
-    t = runs_table(runs_from(make_run(1, input=None, definitions=None)), [1])
+    t = runs_table(pages(make_run(1, input=None, definitions=None)))
     assert column(t, "input") == [None] and column(t, "definitions") == [None]
 
 
 def test_extra_holds_unknown_fields_losslessly():
     unknown = {"output": TRICKY, "progress_details": [{"step": 1, "ok": False}],
                "meta": None, "workflow_version_id": "v-9"}
-    t = runs_table(runs_from(make_run(1, **unknown), make_run(2)), [1, 1])
+    t = runs_table(pages(make_run(1, **unknown), make_run(2), seqs=[1, 1]))
     extra = column(t, "extra")
     assert json.loads(extra[0]) == unknown
     assert extra[1] is None  # no unknown fields, no extra
@@ -141,14 +147,14 @@ def test_extra_holds_unknown_fields_losslessly():
 
 def test_workflow_unknown_fields_go_to_workflow_extra():
     wf = make_run(1)["workflow"] | {"workflow_hash": "h1", "meta": {"tags": ["ß"]}}
-    t = workflows_table(runs_from(make_run(1, workflow=wf)), [1])
+    t = workflows_table(pages(make_run(1, workflow=wf)))
     assert json.loads(column(t, "extra")[0]) == {"workflow_hash": "h1", "meta": {"tags": ["ß"]}}
     assert json.loads(column(t, "definition")[0]) == {"nodes": [], "edges": []}
 
 
 def test_node_ids_object_becomes_its_keys_and_the_object_is_kept_in_extra():
     obj = {"n1": {"label": "start"}, "n2": None, "n3": [1, 2]}
-    batch = normalize(runs_from(make_run(1, node_ids=obj, output=1)), [5])
+    batch = normalize(pages(make_run(1, node_ids=obj, output=1), seqs=[5]))
     assert column(batch.runs, "node_ids") == [["n1", "n2", "n3"]]
     assert json.loads(column(batch.runs, "extra")[0]) == {"output": 1, "node_ids": obj}
     assert batch.run_nodes.to_pylist() == [
@@ -158,9 +164,9 @@ def test_node_ids_object_becomes_its_keys_and_the_object_is_kept_in_extra():
 
 
 def test_run_nodes_explode_node_ids_with_their_positions():
-    runs = runs_from(make_run(1, node_ids=["a", "b", "c"]), make_run(2, node_ids=None),
-                     make_run(3, node_ids=[]), make_run(4, node_ids=["d", "d"]))
-    batch = normalize(runs, [1, 2, 3, 4])
+    batch = normalize(pages(make_run(1, node_ids=["a", "b", "c"]), make_run(2, node_ids=None),
+                            make_run(3, node_ids=[]), make_run(4, node_ids=["d", "d"]),
+                            seqs=[1, 2, 3, 4]))
     rows = [(r["run_id"][-1], r["position"], r["node_id"], r["_seq"])
             for r in batch.run_nodes.to_pylist()]
     assert rows == [("1", 0, "a", 1), ("1", 1, "b", 1), ("1", 2, "c", 1),
@@ -168,8 +174,8 @@ def test_run_nodes_explode_node_ids_with_their_positions():
 
 
 def test_run_nodes_of_a_sliced_or_chunked_table_keep_positions_from_zero():
-    t = runs_table(runs_from(make_run(1, node_ids=["a", "b"]), make_run(2, node_ids=["c"]),
-                             make_run(3, node_ids=["d", "e"])), [1, 2, 3])
+    t = runs_table(pages(make_run(1, node_ids=["a", "b"]), make_run(2, node_ids=["c"]),
+                         make_run(3, node_ids=["d", "e"]), seqs=[1, 2, 3]))
     sliced = run_nodes_table(t.slice(1))
     assert [(r["node_id"], r["position"]) for r in sliced.to_pylist()] == [
         ("c", 0), ("d", 0), ("e", 1)]
@@ -182,9 +188,9 @@ def test_workflows_keep_the_freshest_snapshot_per_id():
     old = wf | {"runs_count": 5, "name": "old"}
     new = wf | {"runs_count": 9, "name": "new"}
     other = make_run(1)["workflow"]
-    runs = runs_from(make_run(10, workflow=new), make_run(11, workflow=old),
-                     make_run(12, workflow=None), make_run(13, workflow=other))
-    t = workflows_table(runs, [8, 3, 9, 4])
+    t = workflows_table(pages(make_run(10, workflow=new), make_run(11, workflow=old),
+                              make_run(12, workflow=None), make_run(13, workflow=other),
+                              seqs=[8, 3, 9, 4]))
     by_id = {r["id"]: r for r in t.to_pylist()}
     assert set(by_id) == {wf["id"], other["id"]}
     assert (by_id[wf["id"]]["name"], by_id[wf["id"]]["runs_count"], by_id[wf["id"]]["_seq"]) \
@@ -194,7 +200,7 @@ def test_workflows_keep_the_freshest_snapshot_per_id():
 
 def test_workflow_timestamps_and_flags_are_typed():
     wf = make_run(0)["workflow"] | {"deleted_at": "2024-02-01T01:00:00+01:00", "saved": False}
-    row = workflows_table(runs_from(make_run(1, workflow=wf)), [1]).to_pylist()[0]
+    row = workflows_table(pages(make_run(1, workflow=wf))).to_pylist()[0]
     assert row["deleted_at"] == datetime(2024, 2, 1, tzinfo=UTC)
     assert row["saved"] is False and row["last_run_at"] is None
 
@@ -208,7 +214,7 @@ def test_an_integer_too_large_for_its_column_is_rejected_not_a_crash(field):
         make_run(1, workflow=make_run(1)["workflow"] | {"runs_count": huge})
     body = {"items": [bad, make_run(2)], "total": 2, "page": 1, "size": 10, "pages": 1}
     page = parse_page(json.dumps(body).encode())
-    batch = normalize(page.runs, [1] * len(page.runs))
+    batch = normalize([(1, page)])
     assert column(batch.runs, "id") == [make_run(2)["id"]]
     (rejected,) = page.rejected
     assert rejected.run_id == bad["id"] and field.split(".")[-1] in rejected.error

@@ -33,7 +33,7 @@ from ..errors import (
     one_line,
 )
 from .concurrency import Limiter
-from .models import EnvelopeError, ParsedPage, Run, parse_page, parse_run
+from .models import EnvelopeError, ParsedPage, parse_page, parse_run
 
 T = TypeVar("T")
 
@@ -204,8 +204,8 @@ class ApiClient:
         assert parsed is not None  # only single-run requests may be missing
         return FetchedPage(number, response.seq, parsed, response.request_id, len(response.body))
 
-    async def fetch_run(self, run_id: str) -> Run | None:
-        """``GET /v1/runs/{id}``; None when the run no longer exists (404)."""
+    async def fetch_run(self, run_id: str) -> ParsedPage | None:
+        """``GET /v1/runs/{id}`` as a page of one run; None when it no longer exists (404)."""
         try:
             run, _ = await self._get(f"{RUNS_PATH}/{quote(run_id, safe='')}", None, page=None,
                                      parse=parse_run, missing_ok=True)

@@ -149,8 +149,7 @@ async def _confirm_absent(extracted: Extracted, client: ApiClient, sink, setting
         log.warning("%d runs missed by the walk still exist (found by id): kept and refreshed",
                     len(found))
         extracted.reason += f"; {len(found)} runs missed by the walk were found by id"
-        await sink.put(FetchedPage(0, client.next_seq(), ParsedPage(found, [], None, None),
-                                   None, 0))
+        await sink.put(FetchedPage(0, client.next_seq(), ParsedPage.of(found), None, 0))
         await sink.flush()
 
 
@@ -195,8 +194,7 @@ async def _refresh_open(plan: Plan, report: WalkReport, client: ApiClient, sink,
     missing = gone(open_ids, fetched)
     if runs:
         # One seq for all: later than every page, so these snapshots win.
-        await sink.put(FetchedPage(0, client.next_seq(), ParsedPage(runs, [], None, None),
-                                   None, 0))
+        await sink.put(FetchedPage(0, client.next_seq(), ParsedPage.of(runs), None, 0))
         await sink.flush()
     return Extracted("incremental", f"{plan.reason}; walked {report.pages} pages, refreshed "
                      f"{len(open_ids)} open runs ({len(missing)} gone)", report, False, missing)

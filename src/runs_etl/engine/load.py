@@ -13,7 +13,7 @@ from datetime import datetime
 
 from ..errors import DataError
 from ..warehouse import ledger
-from .models import Run
+from .models import RUN_FIELDS
 from .normalize import RUNS_SCHEMA, WORKFLOWS_SCHEMA, data_columns
 
 log = logging.getLogger("runs_etl.load")
@@ -195,7 +195,7 @@ def new_extra_fields(con, workspace: str) -> list[str]:
                        "WHERE extra IS NOT NULL").fetchall()
     baseline = ledger.get_state(con, workspace, STATE_KNOWN_EXTRA)
     known = set(baseline or [])
-    new = sorted({k for (k,) in rows} - known - set(Run.model_fields))
+    new = sorted({k for (k,) in rows} - known - RUN_FIELDS)
     if new:
         ledger.set_state(con, workspace, STATE_KNOWN_EXTRA, sorted(known | set(new)))
         # The first fields a warehouse sees are its baseline, not drift: worth a line, not an

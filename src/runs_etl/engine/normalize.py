@@ -1,8 +1,9 @@
 """Validated runs -> Arrow tables ``runs``, ``workflows`` and ``run_nodes``, typed for DuckDB.
 
-JSON objects stay JSON text (DuckDB ``JSON``), timestamps are UTC microseconds, unknown fields
-go to ``extra`` losslessly. A ``node_ids`` object (newer servers) becomes its keys, with the
-original object kept in ``extra.node_ids``. ``_seq`` orders snapshots: higher is fresher.
+JSON values stay JSON text (DuckDB ``JSON``) exactly as the API sent them, timestamps are UTC
+microseconds, unknown fields go to ``extra`` losslessly. A ``node_ids`` object (newer servers)
+becomes its keys, with the original object kept in ``extra.node_ids``. ``_seq`` orders
+snapshots: higher is fresher.
 """
 
 from __future__ import annotations
@@ -12,9 +13,8 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic_core import to_json
 
-from .models import Run, Workflow
+from .models import ParsedPage, Run, WorkflowSnapshot
 
 TS = pa.timestamp("us", tz="UTC")
 JSON_TEXT = pa.string()
@@ -74,19 +74,14 @@ class Batch:
     run_nodes: pa.Table
 
 
-def _json_column(values: Iterable) -> pa.Array:
-    """JSON text of each value (None stays NULL); UTF-8 checked once for the whole column
-    by Arrow instead of decoded value by value."""
-    return pa.array([None if v is None else to_json(v) for v in values],
-                    pa.binary()).cast(JSON_TEXT)
+# A staged batch: each page with its arrival seq.
+Pages = Sequence[tuple[int, ParsedPage]]
 
 
-def _extra(model: Run | Workflow, node_ids_object=None) -> dict | None:
-    """Unknown fields (plus an object ``node_ids``, kept losslessly), or None."""
-    extra = model.__pydantic_extra__
-    if node_ids_object is not None:
-        extra = {**(extra or {}), "node_ids": node_ids_object}
-    return extra or None
+def _json_column(texts: Iterable[bytes | None]) -> pa.Array:
+    """JSON text as the API sent it (None stays NULL); UTF-8 checked once for the whole column
+    by Arrow."""
+    return pa.array(texts, pa.binary()).cast(JSON_TEXT)
 
 
 def _node_list(run: Run) -> list[str] | None:
@@ -95,41 +90,41 @@ def _node_list(run: Run) -> list[str] | None:
     return run.node_ids
 
 
-def runs_table(runs: Sequence[Run], seqs: Sequence[int]) -> pa.Table:
+def runs_table(pages: Pages) -> pa.Table:
+    runs = [r for _, p in pages for r in p.runs]
     cols = {
         "id": [r.id for r in runs],
         "group_id": [r.group_id for r in runs],
         "workflow_id": [r.workflow_id for r in runs],
-        "input": _json_column(r.input for r in runs),
+        "input": _json_column(x for _, p in pages for x in p.raw.input),
         "node_ids": [_node_list(r) for r in runs],
         "status": [r.status for r in runs],
         "progress": [r.progress for r in runs],
-        "definitions": _json_column(r.definitions for r in runs),
+        "definitions": _json_column(x for _, p in pages for x in p.raw.definitions),
         "created_at": [r.created_at for r in runs],
         "finished_at": [r.finished_at for r in runs],
         "source": [r.source for r in runs],
-        "extra": _json_column(
-            _extra(r, r.node_ids if isinstance(r.node_ids, dict) else None) for r in runs),
-        "_seq": list(seqs),
+        "extra": _json_column(x for _, p in pages for x in p.raw.extra),
+        "_seq": [seq for seq, p in pages for _ in p.runs],
     }
     return pa.table(cols, schema=RUNS_SCHEMA)
 
 
-def workflows_table(runs: Sequence[Run], seqs: Sequence[int]) -> pa.Table:
+def workflows_table(pages: Pages) -> pa.Table:
     """One row per workflow id: the freshest embedded snapshot in this batch."""
-    latest: dict[str, tuple[int, Workflow]] = {}
-    for run, seq in zip(runs, seqs):
-        wf = run.workflow
-        if wf is not None and (wf.id not in latest or latest[wf.id][0] <= seq):
-            latest[wf.id] = (seq, wf)
-    items = list(latest.values())
-    wfs = [w for _, w in items]
+    latest: dict[str, tuple[int, WorkflowSnapshot]] = {}
+    for seq, page in pages:
+        for wf_id, snap in page.raw.workflows.items():
+            if wf_id not in latest or latest[wf_id][0] <= seq:
+                latest[wf_id] = (seq, snap)
+    snaps = [s for _, s in latest.values()]
+    wfs = [s.workflow for s in snaps]
     cols = {
         "id": [w.id for w in wfs],
         "group_id": [w.group_id for w in wfs],
         "name": [w.name for w in wfs],
         "type": [w.type for w in wfs],
-        "definition": _json_column(w.definition for w in wfs),
+        "definition": _json_column(s.definition for s in snaps),
         "last_updated_at": [w.last_updated_at for w in wfs],
         "last_run_at": [w.last_run_at for w in wfs],
         "created_at": [w.created_at for w in wfs],
@@ -139,8 +134,8 @@ def workflows_table(runs: Sequence[Run], seqs: Sequence[int]) -> pa.Table:
         "description": [w.description for w in wfs],
         "saved": [w.saved for w in wfs],
         "error_handler": [w.error_handler for w in wfs],
-        "extra": _json_column(_extra(w) for w in wfs),
-        "_seq": [s for s, _ in items],
+        "extra": _json_column(s.extra for s in snaps),
+        "_seq": [seq for seq, _ in latest.values()],
     }
     return pa.table(cols, schema=WORKFLOWS_SCHEMA)
 
@@ -163,7 +158,7 @@ def run_nodes_table(runs: pa.Table) -> pa.Table:
     }, schema=RUN_NODES_SCHEMA)
 
 
-def normalize(runs: Sequence[Run], seqs: Sequence[int]) -> Batch:
-    """Turn validated runs (with the arrival seq of each) into the three staging tables."""
-    table = runs_table(runs, seqs)
-    return Batch(table, workflows_table(runs, seqs), run_nodes_table(table))
+def normalize(pages: Pages) -> Batch:
+    """Turn validated pages (each with its arrival seq) into the three staging tables."""
+    table = runs_table(pages)
+    return Batch(table, workflows_table(pages), run_nodes_table(table))

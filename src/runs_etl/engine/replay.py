@@ -26,7 +26,7 @@ from ..warehouse.migrations import migrate
 from ..warehouse.views import apply_views
 from . import load, pages
 from .client import FetchedPage
-from .models import EnvelopeError, ParsedPage, parse_page, parse_run
+from .models import EnvelopeError, parse_page, parse_run
 from .staging import Stage, StagingSink, staging_root
 from .walk import NullProgress, Progress
 
@@ -86,8 +86,7 @@ def _fetched(kept: pages.RetainedSync, commit: dict) -> Iterator[FetchedPage]:
         elif kind in ("page", "run"):
             body = pages.body_of(rec)
             try:
-                parsed = parse_page(body) if kind == "page" else \
-                    ParsedPage([parse_run(body)], [], None, None)
+                parsed = parse_page(body) if kind == "page" else parse_run(body)
             except EnvelopeError as e:
                 raise DataError(f"{kept.path}: the body of {kind} {rec['ref']} no longer "
                                 f"parses: {e}") from None

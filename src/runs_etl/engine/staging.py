@@ -216,19 +216,13 @@ class StagingSink:
         """Normalize on the event loop (it needs the GIL anyway: a thread would only add
         switching), then write the Parquet files in a thread (pyarrow releases the GIL)."""
         t0 = time.perf_counter()
-        runs: list = []
-        seqs: list[int] = []
-        rejected: list[tuple] = []
-        for p in pages:
-            runs.extend(p.parsed.runs)
-            seqs.extend([p.seq] * len(p.parsed.runs))
-            rejected.extend((p.number, r.index, r.run_id, r.error, r.raw, p.seq)
-                            for r in p.parsed.rejected)
+        rejected = [(p.number, r.index, r.run_id, r.error, r.raw, p.seq)
+                    for p in pages for r in p.parsed.rejected]
         rejected_table = None
         if rejected:
             rejected_table = pa.table(dict(zip(REJECTED_SCHEMA.names, map(list, zip(*rejected)))),
                                       schema=REJECTED_SCHEMA)
-        batch = normalize(runs, seqs)
+        batch = normalize([(p.seq, p.parsed) for p in pages])
         await asyncio.to_thread(self.stage.add, batch, rejected_table)
         self.seconds += time.perf_counter() - t0
 
