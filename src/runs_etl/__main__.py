@@ -1,6 +1,6 @@
 import sys
 
-from .cli import main
+from .cli import run
 
 if __name__ == "__main__":  # importing this module (tooling) must not run the CLI
-    sys.exit(main())
+    sys.exit(run())
