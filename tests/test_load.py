@@ -147,6 +147,17 @@ def test_run_nodes_are_replaced_on_update(con):
     assert nodes(con, A["id"]) == []
 
 
+def test_run_nodes_are_node_ids_with_their_positions(con):
+    obj = {"n1": {"label": "start"}, "n2": None}
+    upsert(con, 1, [(1, [A | {"node_ids": ["a", "b", "c"]}, B | {"node_ids": None},
+                         C | {"node_ids": []}, D | {"node_ids": ["d", "d"]}]),
+                    (2, [make_run(5, node_ids=obj)])])
+    assert nodes(con, A["id"]) == [(0, "a"), (1, "b"), (2, "c")]
+    assert nodes(con, B["id"]) == nodes(con, C["id"]) == []
+    assert nodes(con, D["id"]) == [(0, "d"), (1, "d")]
+    assert nodes(con, make_run(5)["id"]) == [(0, "n1"), (1, "n2")]  # an object: its keys
+
+
 @pytest.mark.parametrize("order", [[0, 1], [1, 0]])
 def test_a_run_seen_twice_in_one_sync_lands_once_with_the_highest_seq_state(con, order):
     old = A | {"status": "running", "node_ids": ["n1"], "finished_at": None}

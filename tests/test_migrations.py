@@ -10,7 +10,7 @@ import duckdb
 import pytest
 
 from runs_etl import warehouse
-from runs_etl.engine.normalize import RUN_NODES_SCHEMA, RUNS_SCHEMA, WORKFLOWS_SCHEMA
+from runs_etl.engine.normalize import RUNS_SCHEMA, WORKFLOWS_SCHEMA
 from runs_etl.errors import ConfigError, WarehouseError
 from runs_etl.warehouse.ledger import SyncResult
 
@@ -76,8 +76,7 @@ def test_bad_memory_limit_is_a_config_error(tmp_path):
 # --- one home per concept --------------------------------------------------------------------
 
 @pytest.mark.parametrize(("table", "schema"), [("runs", RUNS_SCHEMA),
-                                               ("workflows", WORKFLOWS_SCHEMA),
-                                               ("run_nodes", RUN_NODES_SCHEMA)])
+                                               ("workflows", WORKFLOWS_SCHEMA)])
 def test_data_tables_have_the_arrow_schema_columns_plus_the_system_columns(con, table, schema):
     """A column added to the Arrow schema (or the DDL) alone would be dropped or left NULL."""
     arrow = [name for name in schema.names if name != "_seq"]

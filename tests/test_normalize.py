@@ -13,11 +13,9 @@ from fakeapi import make_run, make_runs
 from runs_etl import warehouse
 from runs_etl.engine.models import ParsedPage, parse_page
 from runs_etl.engine.normalize import (
-    RUN_NODES_SCHEMA,
     RUNS_SCHEMA,
     WORKFLOWS_SCHEMA,
     normalize,
-    run_nodes_table,
     runs_table,
     workflows_table,
 )
@@ -55,15 +53,14 @@ def test_tables_have_exactly_the_declared_schemas():
     batch = normalize(pages(*make_runs(3), seqs=[1, 2, 3]))
     assert batch.runs.schema.equals(RUNS_SCHEMA)
     assert batch.workflows.schema.equals(WORKFLOWS_SCHEMA)
-    assert batch.run_nodes.schema.equals(RUN_NODES_SCHEMA)
-    assert batch.runs.num_rows == 3 and batch.run_nodes.num_rows == 6
+    assert batch.runs.num_rows == 3 and batch.workflows.num_rows == 3
 
 
 def test_no_runs_give_empty_tables_with_the_schemas():
     batch = normalize([])
-    assert batch.runs.num_rows == batch.workflows.num_rows == batch.run_nodes.num_rows == 0
+    assert batch.runs.num_rows == batch.workflows.num_rows == 0
     assert batch.runs.schema.equals(RUNS_SCHEMA)
-    assert batch.run_nodes.schema.equals(RUN_NODES_SCHEMA)
+    assert batch.workflows.schema.equals(WORKFLOWS_SCHEMA)
 
 
 ARROW_TO_DUCKDB = {
@@ -77,8 +74,7 @@ ARROW_TO_DUCKDB = {
 
 
 @pytest.mark.parametrize(("schema", "table"), [(RUNS_SCHEMA, "runs"),
-                                                (WORKFLOWS_SCHEMA, "workflows"),
-                                                (RUN_NODES_SCHEMA, "run_nodes")])
+                                                (WORKFLOWS_SCHEMA, "workflows")])
 def test_arrow_column_types_match_the_warehouse_columns(schema, table):
     con = duckdb.connect(":memory:")
     warehouse.migrate(con)
@@ -157,30 +153,6 @@ def test_node_ids_object_becomes_its_keys_and_the_object_is_kept_in_extra():
     batch = normalize(pages(make_run(1, node_ids=obj, output=1), seqs=[5]))
     assert column(batch.runs, "node_ids") == [["n1", "n2", "n3"]]
     assert json.loads(column(batch.runs, "extra")[0]) == {"output": 1, "node_ids": obj}
-    assert batch.run_nodes.to_pylist() == [
-        {"run_id": make_run(1)["id"], "position": i, "node_id": n, "_seq": 5}
-        for i, n in enumerate(["n1", "n2", "n3"])
-    ]
-
-
-def test_run_nodes_explode_node_ids_with_their_positions():
-    batch = normalize(pages(make_run(1, node_ids=["a", "b", "c"]), make_run(2, node_ids=None),
-                            make_run(3, node_ids=[]), make_run(4, node_ids=["d", "d"]),
-                            seqs=[1, 2, 3, 4]))
-    rows = [(r["run_id"][-1], r["position"], r["node_id"], r["_seq"])
-            for r in batch.run_nodes.to_pylist()]
-    assert rows == [("1", 0, "a", 1), ("1", 1, "b", 1), ("1", 2, "c", 1),
-                    ("4", 0, "d", 4), ("4", 1, "d", 4)]
-
-
-def test_run_nodes_of_a_sliced_or_chunked_table_keep_positions_from_zero():
-    t = runs_table(pages(make_run(1, node_ids=["a", "b"]), make_run(2, node_ids=["c"]),
-                         make_run(3, node_ids=["d", "e"]), seqs=[1, 2, 3]))
-    sliced = run_nodes_table(t.slice(1))
-    assert [(r["node_id"], r["position"]) for r in sliced.to_pylist()] == [
-        ("c", 0), ("d", 0), ("e", 1)]
-    chunked = run_nodes_table(pa.concat_tables([t.slice(0, 1), t.slice(1)]))
-    assert [r["position"] for r in chunked.to_pylist()] == [0, 1, 0, 0, 1]
 
 
 def test_workflows_keep_the_freshest_snapshot_per_id():

@@ -81,10 +81,12 @@ def merge(con, workspace: str, sync_id: int, *, at: datetime | None = None) -> M
         WHERE d.change <> 'unchanged'""", p)
     con.execute("DELETE FROM run_nodes WHERE workspace = $ws AND run_id IN "
                 "(SELECT id FROM run_changes WHERE change = 'updated')", {"ws": workspace})
+    # One row per element of the written runs' node_ids (the two set-returning functions
+    # advance together: element i at position i - 1).
     con.execute("""
         INSERT INTO run_nodes (workspace, run_id, position, node_id)
-        SELECT $ws, n.run_id, n.position, n.node_id
-        FROM stage_nodes n JOIN run_changes d ON n.run_id = d.id AND n._seq = d._seq
+        SELECT $ws, s.id, generate_subscripts(s.node_ids, 1) - 1, unnest(s.node_ids)
+        FROM stage_runs s JOIN run_changes d ON s.id = d.id AND s._seq = d._seq
         WHERE d.change <> 'unchanged'""", {"ws": workspace})
     new, updated, unchanged, undeleted = con.execute("""
         SELECT count(*) FILTER (change = 'new'), count(*) FILTER (change = 'updated'),

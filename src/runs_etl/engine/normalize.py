@@ -1,4 +1,4 @@
-"""Validated runs -> Arrow tables ``runs``, ``workflows`` and ``run_nodes``, typed for DuckDB.
+"""Validated runs -> Arrow tables ``runs`` and ``workflows``, typed for DuckDB.
 
 JSON values stay JSON text (DuckDB ``JSON``) exactly as the API sent them, timestamps are UTC
 microseconds, unknown fields go to ``extra`` losslessly. A ``node_ids`` object (newer servers)
@@ -12,7 +12,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from .models import ParsedPage, Run, WorkflowSnapshot
 
@@ -54,14 +53,6 @@ WORKFLOWS_SCHEMA = pa.schema([
     ("_seq", pa.int64()),
 ])
 
-RUN_NODES_SCHEMA = pa.schema([
-    ("run_id", pa.string()),
-    ("position", pa.int32()),
-    ("node_id", pa.string()),
-    ("_seq", pa.int64()),
-])
-
-
 def data_columns(schema: pa.Schema) -> list[str]:
     """The columns a schema carries from the API (``_seq`` and other ``_`` columns are ours)."""
     return [name for name in schema.names if not name.startswith("_")]
@@ -71,7 +62,6 @@ def data_columns(schema: pa.Schema) -> list[str]:
 class Batch:
     runs: pa.Table
     workflows: pa.Table
-    run_nodes: pa.Table
 
 
 # A staged batch: each page with its arrival seq.
@@ -140,25 +130,8 @@ def workflows_table(pages: Pages) -> pa.Table:
     return pa.table(cols, schema=WORKFLOWS_SCHEMA)
 
 
-def run_nodes_table(runs: pa.Table) -> pa.Table:
-    """Explode ``node_ids`` column-wise: one row per (run_id, position)."""
-    lists = runs.column("node_ids").combine_chunks()
-    if len(lists) == 0:
-        return RUN_NODES_SCHEMA.empty_table()
-    parents = pc.list_parent_indices(lists)
-    flat = pc.list_flatten(lists)
-    # position = index within its list = flat index - offset of the list's first element
-    offsets = pc.take(lists.offsets, parents)
-    position = pc.subtract(pa.array(range(len(flat)), pa.int64()), offsets)
-    return pa.table({
-        "run_id": pc.take(runs.column("id"), parents),
-        "position": pc.cast(position, pa.int32()),
-        "node_id": flat,
-        "_seq": pc.take(runs.column("_seq"), parents),
-    }, schema=RUN_NODES_SCHEMA)
-
-
 def normalize(pages: Pages) -> Batch:
-    """Turn validated pages (each with its arrival seq) into the three staging tables."""
-    table = runs_table(pages)
-    return Batch(table, workflows_table(pages), run_nodes_table(table))
+    """Turn validated pages (each with its arrival seq) into the staging tables. ``run_nodes``
+    is not one of them: the merge unnests ``node_ids`` of the runs it writes (0.1 s for 500k
+    nodes, where exploding and staging them cost more and took a join to merge)."""
+    return Batch(runs_table(pages), workflows_table(pages))

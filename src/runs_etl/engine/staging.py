@@ -3,7 +3,7 @@ the walk runs; ``load`` merges them once at the end.
 
 Staging on disk keeps memory flat however many runs a sync sees: Python holds one batch at a
 time, and DuckDB reads the staged files column by column. Views ``stage_runs`` /
-``stage_workflows`` / ``stage_nodes`` / ``stage_rejected`` over the staged files also drive walk
+``stage_workflows`` / ``stage_rejected`` over the staged files also drive walk
 verification, delete candidates and the merge.
 """
 
@@ -25,14 +25,13 @@ from ..errors import WarehouseError
 from ..warehouse.connect import sql_glob
 from .client import FetchedPage
 from .models import TERMINAL_STATUSES
-from .normalize import RUN_NODES_SCHEMA, RUNS_SCHEMA, WORKFLOWS_SCHEMA, Batch, normalize
+from .normalize import RUNS_SCHEMA, WORKFLOWS_SCHEMA, Batch, normalize
 from .walk import PassStats
 
 REJECTED_SCHEMA = pa.schema([("page", pa.int32()), ("item_index", pa.int32()),
                              ("run_id", pa.string()), ("error", pa.string()),
                              ("raw", pa.string()), ("_seq", pa.int64())])
-_KINDS = {"runs": RUNS_SCHEMA, "workflows": WORKFLOWS_SCHEMA, "nodes": RUN_NODES_SCHEMA,
-          "rejected": REJECTED_SCHEMA}
+_KINDS = {"runs": RUNS_SCHEMA, "workflows": WORKFLOWS_SCHEMA, "rejected": REJECTED_SCHEMA}
 # Folders being written (a sync's staged batches, an export version) start with this prefix: one
 # left behind by a killed process is removed by the next one that holds the lock.
 STAGING_PREFIX = ".staging-"
@@ -69,7 +68,7 @@ class Stage:
         # An empty file per kind, so the views below always have something to read.
         self._write({k: s.empty_table() for k, s in _KINDS.items()})
         for kind, view in (("runs", "stage_runs"), ("workflows", "stage_workflows"),
-                           ("nodes", "stage_nodes"), ("rejected", "stage_rejected")):
+                           ("rejected", "stage_rejected")):
             # The folder derives from the database path, which may hold glob characters.
             con.execute(f"CREATE OR REPLACE TEMP VIEW {view} AS "
                         f"SELECT * FROM read_parquet({sql_glob(self.dir, f'{kind}-*.parquet')})")
@@ -87,7 +86,7 @@ class Stage:
 
     def add(self, batch: Batch, rejected: pa.Table | None = None) -> None:
         """Stage one batch; nothing touches the warehouse tables until ``merge``."""
-        tables = {"runs": batch.runs, "workflows": batch.workflows, "nodes": batch.run_nodes}
+        tables = {"runs": batch.runs, "workflows": batch.workflows}
         if rejected is not None:
             tables["rejected"] = rejected
         self._write(tables)
@@ -130,7 +129,7 @@ class Stage:
 
     def close(self) -> None:
         """Drop the views and delete the staged files."""
-        for view in ("stage_runs", "stage_workflows", "stage_nodes", "stage_rejected"):
+        for view in ("stage_runs", "stage_workflows", "stage_rejected"):
             self.con.execute(f"DROP VIEW IF EXISTS {view}")
         shutil.rmtree(self.dir, ignore_errors=True)
 
