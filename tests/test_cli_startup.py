@@ -10,6 +10,8 @@ HEAVY = ("duckdb", "pyarrow", "pydantic", "pydantic_core", "httpx", "rich", "aps
 
 _PROBE = f"""
 import sys
+
+import pytest
 import runs_etl.cli
 try:
     runs_etl.cli.main(sys.argv[1:])
@@ -38,3 +40,25 @@ def test_python_m_help_works_and_lists_commands():
     out = subprocess.run([sys.executable, "-m", "runs_etl", "--help"], capture_output=True,
                          text=True, check=True, timeout=60).stdout
     assert "sync" in out and "status" in out
+
+
+_SYNC_PROBE = """
+import sys
+
+import pytest
+from runs_etl.cli import run
+sys.argv = ["runs-etl", "sync", "-q"]
+code = run()
+print(code, sorted({m.split(".")[0] for m in sys.modules} & {"pandas", "rich", "deltalake"}),
+      "httpx._main" in sys.modules)
+"""
+
+
+def test_a_sync_under_cron_loads_no_library_it_does_not_use(make_sim, sim_env):
+    """pandas (pulled in by pyarrow when installed, as it is here), httpx's own command line,
+    rich without a terminal and deltalake without a lake cost every cron run time and memory."""
+    sim = make_sim(300)
+    out = subprocess.run([sys.executable, "-c", _SYNC_PROBE], capture_output=True, text=True,
+                         env=sim_env(sim), timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["0", "[]", "False"]

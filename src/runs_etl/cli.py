@@ -266,26 +266,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     workspaces=args.workspaces)
 
 
-class _WithoutPandas:
-    """An import finder that answers "not installed" for pandas (see ``run``)."""
+class _Unused:
+    """An import finder that answers "not installed" for modules the command never uses but
+    its libraries import when they can (see ``run``)."""
 
-    @staticmethod
-    def find_spec(name: str, path=None, target=None):
-        if name.partition(".")[0] == "pandas":
+    # pandas: pyarrow asks whether each value it converts is a DataFrame, importing pandas
+    # (often installed beside a warehouse) on the first conversion: 0.2 s and ~40 MB.
+    # httpx._main: httpx's own command line (click, rich, pygments): 45 ms; httpx falls back
+    # to a stub when it is missing.
+    NAMES = frozenset({"pandas", "httpx._main"})
+
+    @classmethod
+    def find_spec(cls, name: str, path=None, target=None):
+        if name in cls.NAMES or name.partition(".")[0] == "pandas":
             raise ModuleNotFoundError(f"No module named {name!r} (not used by runs-etl)",
                                       name=name)
         return None
 
 
 def run() -> int:
-    """The ``runs-etl`` process: ``main`` without the imports it never uses.
-
-    pyarrow asks whether each value it converts is a pandas object, importing pandas (when
-    installed, as it often is beside a warehouse) on the first conversion: 0.2 s and ~40 MB
-    of every cron run, for a library runs-etl does not use. The command's own process treats
-    it as absent; importers of ``runs_etl`` (tests, notebooks) are left alone."""
-    if "pandas" not in sys.modules:
-        sys.meta_path.insert(0, _WithoutPandas)  # type: ignore[arg-type]
+    """The ``runs-etl`` process: ``main`` without imports it never uses (``_Unused``), which
+    every cron run would pay for. Only the command's own process: importers of ``runs_etl``
+    (tests, notebooks) are left alone."""
+    if not any(name in sys.modules for name in _Unused.NAMES):
+        sys.meta_path.insert(0, _Unused)  # type: ignore[arg-type]
     return main()
 
 

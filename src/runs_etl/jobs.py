@@ -25,7 +25,6 @@ from .errors import ConfigError, LakeError, LockedError, RunsEtlError, Workspace
 from .ops.console import make_progress
 from .ops.lock import Holder, note_progress, record_skipped, writer_lock
 from .outputs.export import ExportResult, export_parquet
-from .outputs.lake import write_lake
 from .warehouse.connect import connect
 from .warehouse.ledger import SyncResult
 from .warehouse.publish import open_working, publish
@@ -197,6 +196,8 @@ def _write_lake(settings: Settings, con) -> LakeError | None:
     """Bring the Delta lake up to the committed, published warehouse; the error to raise when
     that failed. A failure leaves the lake at its previous version and the sync standing: the
     next sync catches the lake up."""
+    from .outputs.lake import write_lake  # only a sync with a lake imports it (start-up time)
+
     try:
         result = write_lake(settings, con)
     except RunsEtlError as e:

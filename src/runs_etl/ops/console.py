@@ -4,26 +4,29 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import TextIO
-
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from typing import TYPE_CHECKING, TextIO
 
 from ..engine.walk import NullProgress
+
+if TYPE_CHECKING:
+    from rich.progress import TaskID
 
 
 class BarProgress:
     """Rich progress bar: pages done / total, rows/s, ETA. Use as a context manager."""
 
     def __init__(self, stream: TextIO | None = None):
+        # Imported here: a sync under cron (no terminal) never shows a bar, nor pays for rich.
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
         self.console = Console(file=stream or sys.stderr)
         self.bar = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
