@@ -44,14 +44,14 @@ def test_unknown_fields_are_kept_as_json_text():
     page = one_page(output={"answer": "ünïcode ✓"}, meta={"tags": ["a"]}, single_node_id=None)
     assert json.loads(page.raw.extra[0]) == {"output": {"answer": "ünïcode ✓"},
                                              "meta": {"tags": ["a"]}, "single_node_id": None}
-    assert page.runs[0].workflow is not None
+    assert list(page.raw.workflows) == [make_run(1)["workflow"]["id"]]
 
 
 def test_unknown_workflow_fields_are_kept_too():
     wf = make_run(1)["workflow"] | {"workflow_hash": "abc", "meta": {"icon": "x"}}
     page = one_page(workflow=wf)
     snapshot = page.raw.workflows[wf["id"]]
-    assert snapshot.workflow is page.runs[0].workflow
+    assert snapshot.workflow.id == wf["id"]
     assert json.loads(snapshot.extra) == {"workflow_hash": "abc", "meta": {"icon": "x"}}
     assert json.loads(snapshot.definition) == wf["definition"]
 
@@ -97,9 +97,9 @@ def test_timestamps_parse_to_the_right_utc_instant(text, instant):
 def test_workflow_timestamps_are_utc_too():
     wf = make_run(1)["workflow"] | {"last_run_at": "2024-05-01T12:00:00+02:00",
                                     "deleted_at": "2024-05-02T00:00:00"}
-    run = one(workflow=wf)
-    assert instant_of(run.workflow.last_run_at) == datetime(2024, 5, 1, 10, tzinfo=UTC)
-    assert instant_of(run.workflow.deleted_at) == datetime(2024, 5, 2, tzinfo=UTC)
+    workflow = one_page(workflow=wf).raw.workflows[wf["id"]].workflow
+    assert instant_of(workflow.last_run_at) == datetime(2024, 5, 1, 10, tzinfo=UTC)
+    assert instant_of(workflow.deleted_at) == datetime(2024, 5, 2, tzinfo=UTC)
 
 
 def test_unfinished_run_has_null_finished_at():
@@ -107,7 +107,24 @@ def test_unfinished_run_has_null_finished_at():
 
 
 def test_null_workflow_is_accepted():
-    assert one(workflow=None).workflow is None
+    page = one_page(workflow=None)
+    assert len(page.runs) == 1 and page.raw.workflows == {}
+
+
+def test_one_snapshot_per_workflow_and_an_invalid_one_rejects_exactly_its_runs():
+    """The same workflow embedded in many runs is one snapshot; an invalid embedded workflow
+    rejects the runs that carry it (their own fields may be fine), and no other."""
+    good = make_run(0)["workflow"]
+    bad = make_run(1)["workflow"] | {"runs_count": "many"}
+    items = [make_run(10, workflow=good), make_run(11, workflow=bad),
+             make_run(12, workflow=good), make_run(13, workflow=bad), make_run(14, workflow=5)]
+    page = parse_page(body(items))
+    assert [r.id for r in page.runs] == [items[0]["id"], items[2]["id"]]
+    assert list(page.raw.workflows) == [good["id"]]
+    assert [(r.index, r.run_id) for r in page.rejected] == [
+        (1, items[1]["id"]), (3, items[3]["id"]), (4, items[4]["id"])]
+    assert "workflow.runs_count" in page.rejected[0].error
+    assert json.loads(page.rejected[0].raw) == items[1]
 
 
 @pytest.mark.parametrize("node_ids", [None, [], ["a", "b"], {"a": {"x": 1}, "b": None}])

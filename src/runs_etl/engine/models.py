@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -51,7 +51,7 @@ def utc(value: datetime) -> datetime:
 
 class Workflow(BaseModel):
     """The workflow embedded in a run: a snapshot as of the request, not as of the run. Its
-    ``definition`` and unknown fields are JSON text in ``PageJson.workflows``."""
+    ``definition`` and unknown fields are JSON text (``WorkflowSnapshot``)."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
@@ -72,7 +72,8 @@ class Workflow(BaseModel):
 
 class Run(BaseModel):
     """One element of ``items``; fields keep their API names. ``input``, ``definitions`` and
-    unknown fields are JSON text in ``PageJson``."""
+    unknown fields are JSON text in ``RawJson``; the embedded ``workflow`` is validated once
+    per page and snapshot (``RawJson.workflows``)."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
@@ -84,7 +85,6 @@ class Run(BaseModel):
     progress: int | None = Field(None, ge=INT32_MIN, le=INT32_MAX)
     created_at: datetime = Field(ge=TS_MIN, le=TS_MAX)
     finished_at: datetime | None = Field(None, ge=TS_MIN, le=TS_MAX)
-    workflow: Workflow | None = None
     source: str | None = None
 
     @property
@@ -96,7 +96,7 @@ class Run(BaseModel):
 RUN_JSON_FIELDS = ("input", "definitions")
 WORKFLOW_JSON_FIELDS = ("definition",)
 # The top-level fields the warehouse has columns for; any other goes to ``extra``.
-RUN_FIELDS = frozenset(Run.model_fields) | frozenset(RUN_JSON_FIELDS)
+RUN_FIELDS = frozenset(Run.model_fields) | frozenset(RUN_JSON_FIELDS) | {"workflow"}
 WORKFLOW_FIELDS = frozenset(Workflow.model_fields) | frozenset(WORKFLOW_JSON_FIELDS)
 
 
@@ -116,6 +116,7 @@ class PageEnvelope(_Envelope):
 _PAGE = TypeAdapter(PageEnvelope)
 _ENVELOPE = TypeAdapter(_Envelope)
 _RUN = TypeAdapter(Run)
+_WORKFLOW = TypeAdapter(Workflow | None)
 
 
 class _FieldsPage(msgspec.Struct):
@@ -189,10 +190,10 @@ class ParsedPage:
         return cls(runs, [], None, None, raw)
 
 
-def _short_errors(err: ValidationError) -> str:
+def _short_errors(err: ValidationError, within: str = "") -> str:
     parts = []
     for e in err.errors()[:5]:
-        loc = ".".join(str(p) for p in e["loc"])
+        loc = ".".join(str(p) for p in ((within,) if within else ()) + e["loc"])
         parts.append(f"{loc}: {e['msg']}" if loc else e["msg"])
     return "; ".join(parts)
 
@@ -205,46 +206,71 @@ def _value(raw: Any) -> bytes | None:
     return None if text == b"null" else text
 
 
-def _object(members: list[tuple[str, Any]]) -> bytes | None:
+def _object(members: Iterable[tuple[str, Any]]) -> bytes | None:
     """One JSON object of (name, JSON text) members; None when there are none."""
-    if not members:
+    parts = [_json_string(k) + b":" + bytes(v) for k, v in members]
+    return b"{" + b",".join(parts) + b"}" if parts else None
+
+
+def _snapshot(raw: bytes) -> WorkflowSnapshot | str | None:
+    """An embedded workflow validated, with its JSON parts cut out; None for ``null``; the
+    error text when it is invalid (which rejects the runs embedding it)."""
+    try:
+        wf = _WORKFLOW.validate_json(raw)
+    except ValidationError as err:
+        return _short_errors(err, "workflow")
+    if wf is None:
         return None
-    return b"{" + b",".join(_json_string(k) + b":" + bytes(v) for k, v in members) + b"}"
+    fields = _split_object(raw)
+    return WorkflowSnapshot(wf, _value(fields.get("definition")),
+                            _object((k, v) for k, v in fields.items() if k not in WORKFLOW_FIELDS))
 
 
-def _page(runs: list[Run], fields: Sequence[Mapping[str, Any]], rejected: list[Rejected],
+def _page(records: list[tuple[int, Run, Mapping[str, Any]]], rejected: list[Rejected],
           total: int | None, pages: int | None) -> ParsedPage:
-    """Assemble a page from validated runs and each one's top-level fields as JSON spans.
+    """Assemble a page from validated runs (with each one's index in ``items`` and top-level
+    fields as JSON spans).
 
     Keeps one run per id (the last: a page is one instant, so copies are the same run), which
     makes (id, page) a key downstream. One response embeds the same workflow snapshot in each
-    of a workflow's runs (it is "as of the request"): every run points at one instance per id,
-    and its JSON parts are cut out once."""
-    if len({r.id for r in runs}) != len(runs):
-        last = {r.id: i for i, r in enumerate(runs)}  # first position, last occurrence
-        runs = [runs[i] for i in last.values()]
-        fields = [fields[i] for i in last.values()]
-    raw = RawJson()
-    workflows = raw.workflows
-    for run, f in zip(runs, fields):
-        raw.input.append(_value(f.get("input")))
-        raw.definitions.append(_value(f.get("definitions")))
-        known = f.keys() <= RUN_FIELDS  # the common case, checked at C speed
-        extra = [] if known else [(k, v) for k, v in f.items() if k not in RUN_FIELDS]
-        if isinstance(run.node_ids, dict):  # its keys are the node list; the object is kept
-            extra.append(("node_ids", f["node_ids"]))
-        raw.extra.append(_object(extra))
-        wf = run.workflow
-        if wf is not None:
-            shared = workflows.get(wf.id)
-            if shared is None:
-                wf_fields = _split_object(bytes(f["workflow"]))
-                workflows[wf.id] = WorkflowSnapshot(
-                    wf, _value(wf_fields.get("definition")),
-                    _object([(k, v) for k, v in wf_fields.items() if k not in WORKFLOW_FIELDS]))
-            elif shared.workflow is not wf:
-                run.__dict__["workflow"] = shared.workflow  # frozen model: bypass the guard
+    of a workflow's runs (it is "as of the request"), byte for byte: each distinct snapshot is
+    validated and cut up once, and a run whose embedded workflow is invalid is rejected."""
+    if len({r.id for _, r, _ in records}) != len(records):
+        last = {r.id: k for k, (_, r, _) in enumerate(records)}  # first position, last copy
+        records = [records[k] for k in last.values()]
+    runs: list[Run] = []
+    kept: list[Mapping[str, Any]] = []
+    workflows: dict[str, WorkflowSnapshot] = {}
+    snapshots: dict[bytes, WorkflowSnapshot | str | None] = {}
+    for index, run, f in records:
+        embedded = f.get("workflow")
+        if embedded is not None:
+            key = bytes(embedded)
+            snap = snapshots[key] if key in snapshots else \
+                snapshots.setdefault(key, _snapshot(key))
+            if isinstance(snap, str):
+                rejected.append(Rejected(index, (_object(f.items()) or b"{}").decode(), snap,
+                                         run.id))
+                continue
+            if snap is not None:
+                workflows.setdefault(snap.workflow.id, snap)
+        runs.append(run)
+        kept.append(f)
+    rejected.sort(key=lambda r: r.index)
+    raw = RawJson([_value(f.get("input")) for f in kept],
+                  [_value(f.get("definitions")) for f in kept],
+                  [None if f.keys() <= RUN_FIELDS and not isinstance(r.node_ids, dict)
+                   else _extra(r, f) for r, f in zip(runs, kept)], workflows)
     return ParsedPage(runs, rejected, total, pages, raw)
+
+
+def _extra(run: Run, fields: Mapping[str, Any]) -> bytes | None:
+    """The fields ``Run`` does not know, as one JSON object; an object ``node_ids`` too (its
+    keys are the node list, the object is kept)."""
+    extra = [(k, v) for k, v in fields.items() if k not in RUN_FIELDS]
+    if isinstance(run.node_ids, dict):
+        extra.append(("node_ids", fields["node_ids"]))
+    return _object(extra)
 
 
 def parse_page(body: bytes) -> ParsedPage:
@@ -264,7 +290,7 @@ def parse_page(body: bytes) -> ParsedPage:
         fields = _SPLIT_PAGE.decode(body).items
     except msgspec.DecodeError:  # JSON pydantic reads but msgspec does not (NaN): the slow way
         return _parse_each(body, deep=False)
-    return _page(env.items, fields, [], env.total, env.pages)
+    return _page(list(zip(range(len(fields)), env.items, fields)), [], env.total, env.pages)
 
 
 def _parse_each(body: bytes, *, deep: bool) -> ParsedPage:
@@ -282,17 +308,16 @@ def _parse_each(body: bytes, *, deep: bool) -> ParsedPage:
         env = _ENVELOPE.validate_json(envelope)
     except ValidationError as err:
         raise EnvelopeError(f"not a page envelope: {_short_errors(err)}") from None
-    runs: list[Run] = []
-    fields: list[Mapping[str, Any]] = []
+    records: list[tuple[int, Run, Mapping[str, Any]]] = []
     rejected: list[Rejected] = []
     for i, raw in enumerate(items):
         try:
-            runs.append(_RUN.validate_json(raw))
+            run = _RUN.validate_json(raw)
         except ValidationError as err:
             rejected.append(Rejected(i, _raw_json(raw), _short_errors(err), _top_level_id(raw)))
         else:
-            fields.append(_split_object(raw))
-    return _page(runs, fields, rejected, env.total, env.pages)
+            records.append((i, run, _split_object(raw)))
+    return _page(records, rejected, env.total, env.pages)
 
 
 def _split_items(body: bytes, deep: bool) -> tuple[bytes, list[bytes]]:
@@ -389,4 +414,7 @@ def parse_run(body: bytes) -> ParsedPage:
         run = _RUN.validate_json(body)
     except ValidationError as err:
         raise EnvelopeError(f"not a run: {_short_errors(err)}") from None
-    return _page([run], [_split_object(body)], [], None, None)
+    page = _page([(0, run, _split_object(body))], [], None, None)
+    if page.rejected:  # its embedded workflow is invalid
+        raise EnvelopeError(f"not a run: {page.rejected[0].error}")
+    return page
