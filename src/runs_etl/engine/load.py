@@ -69,7 +69,7 @@ def merge(con, workspace: str, sync_id: int, *, at: datetime | None = None) -> M
                CASE WHEN r.id IS NULL THEN 'new'
                     WHEN r._deleted_at IS NOT NULL OR {_changed(cols, 'c', 'r')}
                     THEN 'updated' ELSE 'unchanged' END AS change,
-               r._deleted_at IS NOT NULL AS undeleted
+               r._deleted_at IS NOT NULL AS undeleted, {_list(list(HISTORY_COLUMNS), 'c.')}
         FROM cur c LEFT JOIN mine r USING (id)""", {"ws": workspace})
     con.execute("DELETE FROM runs WHERE workspace = $ws AND id IN "
                 "(SELECT id FROM run_changes WHERE change = 'updated')", {"ws": workspace})
@@ -81,13 +81,13 @@ def merge(con, workspace: str, sync_id: int, *, at: datetime | None = None) -> M
         WHERE d.change <> 'unchanged'""", p)
     con.execute("DELETE FROM run_nodes WHERE workspace = $ws AND run_id IN "
                 "(SELECT id FROM run_changes WHERE change = 'updated')", {"ws": workspace})
-    # One row per element of the written runs' node_ids (the two set-returning functions
-    # advance together: element i at position i - 1).
+    # One row per element of node_ids of the runs just written, read back from the table (the
+    # two set-returning functions advance together: element i at position i - 1).
     con.execute("""
         INSERT INTO run_nodes (workspace, run_id, position, node_id)
-        SELECT $ws, s.id, generate_subscripts(s.node_ids, 1) - 1, unnest(s.node_ids)
-        FROM stage_runs s JOIN run_changes d ON s.id = d.id AND s._seq = d._seq
-        WHERE d.change <> 'unchanged'""", {"ws": workspace})
+        SELECT $ws, r.id, generate_subscripts(r.node_ids, 1) - 1, unnest(r.node_ids)
+        FROM runs r JOIN run_changes d ON r.id = d.id
+        WHERE r.workspace = $ws AND d.change <> 'unchanged'""", {"ws": workspace})
     new, updated, unchanged, undeleted = con.execute("""
         SELECT count(*) FILTER (change = 'new'), count(*) FILTER (change = 'updated'),
                count(*) FILTER (change = 'unchanged'), count(*) FILTER (undeleted)
@@ -123,8 +123,9 @@ def sync_started_at(con, sync_id: int) -> datetime:
 
 
 def record_history(con, workspace: str, sync_id: int, valid_from: datetime) -> int:
-    """Version the runs this sync saw in ``run_history``, after ``merge`` and ``mark_deleted``
-    in the same transaction; returns the versions opened.
+    """Version the runs this sync saw in ``run_history``, after ``merge`` (whose
+    ``run_changes`` it reads) and ``mark_deleted`` in the same transaction; returns the
+    versions opened.
 
     A run whose tracked fields (``HISTORY_COLUMNS``) match its open version only moves that
     version's ``_last_seen_at`` to ``valid_from`` (this sync's start). A changed run closes its
@@ -136,15 +137,14 @@ def record_history(con, workspace: str, sync_id: int, valid_from: datetime) -> i
                 "AND run_id IN (SELECT id FROM runs WHERE workspace = $ws "
                 "AND _deleted_at IS NOT NULL)", p)
     tracked = ", ".join(f"s.{c}" for c in HISTORY_COLUMNS)
+    # ``run_changes`` (from ``merge``) holds the tracked columns of each run's latest sighting.
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE history_seen AS
-        WITH latest AS (SELECT id, max(_seq) AS _seq FROM stage_runs GROUP BY id),
-        open AS (SELECT * FROM run_history WHERE workspace = $ws AND valid_to IS NULL)
+        WITH open AS (SELECT * FROM run_history WHERE workspace = $ws AND valid_to IS NULL)
         SELECT s.id AS run_id, {tracked}, h._last_seen_at AS prev_seen,
                h.run_id IS NOT NULL AS has_open,
                h.run_id IS NULL OR {_changed(list(HISTORY_COLUMNS), 's', 'h')} AS changed
-        FROM stage_runs s JOIN latest USING (id, _seq) LEFT JOIN open h ON h.run_id = s.id""",
-                {"ws": workspace})
+        FROM run_changes s LEFT JOIN open h ON h.run_id = s.id""", {"ws": workspace})
     con.execute("UPDATE run_history SET _last_seen_at = $t WHERE workspace = $ws "
                 "AND valid_to IS NULL AND run_id IN "
                 "(SELECT run_id FROM history_seen WHERE NOT changed)", p)
