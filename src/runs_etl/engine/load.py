@@ -60,17 +60,27 @@ def merge(con, workspace: str, sync_id: int, *, at: datetime | None = None) -> M
     stamped with the transaction's time, or ``at`` (a replay repeats the original load's)."""
     cols = RUN_COLUMNS
     p = {"ws": workspace, "sync": sync_id, "at": at}
+    # Narrow first: each run's latest sighting with the few columns kept here. Only runs the
+    # warehouse already holds are compared column by column (a first sync reads no wide
+    # column here, where a join of every column cost ~60 MB of memory at 100k runs).
+    history = _list(list(HISTORY_COLUMNS), "s.")
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE run_changes AS
         WITH latest AS (SELECT id, max(_seq) AS _seq FROM stage_runs GROUP BY id),
-        cur AS (SELECT s.* FROM stage_runs s JOIN latest USING (id, _seq)),
-        mine AS (SELECT * FROM runs WHERE workspace = $ws)
-        SELECT c.id, c._seq, r._first_seen_at,
-               CASE WHEN r.id IS NULL THEN 'new'
-                    WHEN r._deleted_at IS NOT NULL OR {_changed(cols, 'c', 'r')}
+        cur AS (SELECT s.id, s._seq, {history} FROM stage_runs s JOIN latest USING (id, _seq)),
+        known AS (SELECT c.*, r._first_seen_at, r._deleted_at, r.id IS NOT NULL AS existing
+                  FROM cur c LEFT JOIN (SELECT id, _first_seen_at, _deleted_at FROM runs
+                                        WHERE workspace = $ws) r USING (id)),
+        differ AS (SELECT s.id FROM stage_runs s
+                   JOIN known k ON k.existing AND s.id = k.id AND s._seq = k._seq
+                   JOIN runs r ON r.workspace = $ws AND r.id = s.id
+                   WHERE {_changed(cols, 's', 'r')})
+        SELECT id, _seq, _first_seen_at,
+               CASE WHEN NOT existing THEN 'new'
+                    WHEN _deleted_at IS NOT NULL OR id IN (SELECT id FROM differ)
                     THEN 'updated' ELSE 'unchanged' END AS change,
-               r._deleted_at IS NOT NULL AS undeleted, {_list(list(HISTORY_COLUMNS), 'c.')}
-        FROM cur c LEFT JOIN mine r USING (id)""", {"ws": workspace})
+               _deleted_at IS NOT NULL AS undeleted, {_list(list(HISTORY_COLUMNS))}
+        FROM known""", {"ws": workspace})
     con.execute("DELETE FROM runs WHERE workspace = $ws AND id IN "
                 "(SELECT id FROM run_changes WHERE change = 'updated')", {"ws": workspace})
     con.execute(f"""
