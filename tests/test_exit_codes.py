@@ -62,6 +62,19 @@ def test_a_wrong_api_key_exits_3(make_sim, run_cli):
     assert "API key" in error_line(err)
 
 
+@pytest.mark.parametrize("command", [["export"], ["report", "--out", "r.html"]])
+def test_export_and_report_before_any_committed_sync_say_so(make_sim, run_cli, tmp_path,
+                                                            command):
+    """A first sync that failed still publishes its ledger row (for `status`), but no views:
+    export and report say there is nothing committed yet, not a catalog error."""
+    sim = make_sim(10)
+    assert run_cli(sim, "sync", RUNS_ETL_API_KEY="not-the-key")[0] == 3
+    code, _, err = run_cli(sim, *command, RUNS_ETL_PARQUET_DIR=str(tmp_path / "pq"))
+    assert code == 1
+    assert "no committed sync yet" in error_line(err) and "runs-etl sync" in error_line(err)
+    assert run_cli(sim, "status")[0] == 0  # the failed attempt stays visible
+
+
 @pytest.mark.parametrize("flags, says", [([], "not waiting"),
                                          (["--wait", "0.2"], "after waiting 0.2s")],
                          ids=["no-wait", "wait-expires"])

@@ -120,7 +120,7 @@ def export_parquet(settings: Settings, con=None) -> ExportResult:
     """
     root = export_root(settings)
     owned = con is None
-    con = open_read_only(settings.warehouse) if owned else con
+    con = open_read_only(settings.warehouse, views=True) if owned else con
     try:
         lock = _prepare(root)
         try:

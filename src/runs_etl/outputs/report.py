@@ -337,7 +337,7 @@ def write_report(settings: Settings, out: Path | None = None, con=None) -> Path:
     db = Path(settings.warehouse.duckdb_path)
     out = Path(out) if out is not None else db.parent / DEFAULT_NAME
     owned = con is None
-    con = open_read_only(settings.warehouse) if owned else con
+    con = open_read_only(settings.warehouse, views=True) if owned else con
     stuck_after = settings.analytics.stuck_after.total_seconds()
     try:
         data = collect(con, stuck_after)

@@ -91,9 +91,10 @@ def sql_glob(folder: Path, pattern: str) -> str:
     return sql_string(str(Path(glob.escape(str(folder))) / pattern))
 
 
-def open_read_only(wh: WarehouseSettings):
+def open_read_only(wh: WarehouseSettings, *, views: bool = False):
     """Open the warehouse read-only: never creates a file, never takes the writer's lock. A
-    missing file or a file that is not ours is WarehouseError."""
+    missing file or a file that is not ours is WarehouseError; so is, with ``views``, one that
+    has no analytics views yet (no sync has committed: only failed attempts were published)."""
     path = Path(wh.duckdb_path)
     if not path.is_file():
         raise WarehouseError(f"no warehouse at {path}: run `runs-etl sync` first, or point "
@@ -108,6 +109,10 @@ def open_read_only(wh: WarehouseSettings):
                              "table): run `runs-etl sync` first")
     try:
         check_readable(con, path)
+        if views and not con.execute("SELECT count(*) FROM duckdb_views() WHERE NOT internal "
+                                     "AND schema_name = 'main'").fetchall()[0][0]:
+            raise WarehouseError(f"{path} holds no committed sync yet (`runs-etl status` shows "
+                                 "the attempts): run `runs-etl sync` first")
     except WarehouseError:
         con.close()
         raise
