@@ -16,6 +16,7 @@ sync's CPU (measured at 100k runs); the text is also exactly what the API sent.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterable, Mapping
@@ -212,9 +213,14 @@ def _object(members: Iterable[tuple[str, Any]]) -> bytes | None:
     return b"{" + b",".join(parts) + b"}" if parts else None
 
 
+@functools.lru_cache(maxsize=1024)
 def _snapshot(raw: bytes) -> WorkflowSnapshot | str | None:
     """An embedded workflow validated, with its JSON parts cut out; None for ``null``; the
-    error text when it is invalid (which rejects the runs embedding it)."""
+    error text when it is invalid (which rejects the runs embedding it).
+
+    Cached by its exact bytes: the same snapshot recurs on page after page (13 distinct in
+    30,000 embedded on the simulator's first 300 pages) and each validation cost ~30 us; the
+    answer for given bytes never changes, and the results are immutable."""
     try:
         wf = _WORKFLOW.validate_json(raw)
     except ValidationError as err:
@@ -234,20 +240,18 @@ def _page(records: list[tuple[int, Run, Mapping[str, Any]]], rejected: list[Reje
     Keeps one run per id (the last: a page is one instant, so copies are the same run), which
     makes (id, page) a key downstream. One response embeds the same workflow snapshot in each
     of a workflow's runs (it is "as of the request"), byte for byte: each distinct snapshot is
-    validated and cut up once, and a run whose embedded workflow is invalid is rejected."""
+    validated and cut up once (``_snapshot``), and a run whose embedded workflow is invalid is
+    rejected."""
     if len({r.id for _, r, _ in records}) != len(records):
         last = {r.id: k for k, (_, r, _) in enumerate(records)}  # first position, last copy
         records = [records[k] for k in last.values()]
     runs: list[Run] = []
     kept: list[Mapping[str, Any]] = []
     workflows: dict[str, WorkflowSnapshot] = {}
-    snapshots: dict[bytes, WorkflowSnapshot | str | None] = {}
     for index, run, f in records:
         embedded = f.get("workflow")
         if embedded is not None:
-            key = bytes(embedded)
-            snap = snapshots[key] if key in snapshots else \
-                snapshots.setdefault(key, _snapshot(key))
+            snap = _snapshot(bytes(embedded))
             if isinstance(snap, str):
                 rejected.append(Rejected(index, (_object(f.items()) or b"{}").decode(), snap,
                                          run.id))
