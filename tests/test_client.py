@@ -140,7 +140,7 @@ def test_backoff_doubles_with_jitter_and_stops_at_backoff_max():
     handler = scripted(httpx.Response(503))
     with pytest.raises(RetryableApiError):
         run_client(handler, page1, sleeps=sleeps, max_attempts=6, backoff_base=1.0,
-                   backoff_max=5.0, jitter=lambda: 0.5)
+                   backoff_max=5.0, jitter=lambda: 0.5, adaptive=False)  # no pacing sleeps
     # ceilings 1, 2, 4, 5 (capped), 5 -> waits at 75% with jitter 0.5
     assert sleeps == [0.75, 1.5, 3.0, 3.75, 3.75]
     assert len(handler.calls) == 6

@@ -9,7 +9,7 @@ first sign of overload it adds one per round trip instead. Signs of overload:
   until the server's ``Retry-After`` has passed, and sends are *paced*: a rate limit cannot be
   met by concurrency alone (one request at a time on a fast link can exceed it), so a minimum
   gap between sends is learned too, widened on each throttle and narrowed by 1% per healthy
-  response.
+  response. Retries are paced like every other send.
 - **Rising latency**: when the smoothed latency exceeds twice the lowest of the recent
   responses, the server is queueing our requests and more of them in flight only adds waiting,
   so the limit shrinks by a quarter, but not below ``LATENCY_FLOOR``.
@@ -80,11 +80,13 @@ class Limiter:
 
     async def acquire(self, *, waited: bool = False) -> Ticket:
         """Wait for a slot (and for the pause and the pacing gap), then take it. A retry that
-        has just ``waited`` its own backoff (Retry-After included) is not held back again."""
-        waited_until = float("inf") if waited else 0.0
+        has just ``waited`` its own backoff (Retry-After included) is not paused again, but it
+        is paced like any send: retries let through unpaced were throttled again at once, and
+        each throttle widened the gap (measured: 12-58 s for 200 pages at 40 requests/s)."""
+        waited_until = 0.0
         while True:
             now = self._clock()
-            until = max(self.paused_until, self._next_send)
+            until = self._next_send if waited else max(self.paused_until, self._next_send)
             if now < until and waited_until < until:  # each instant waited for once
                 await self._sleep(until - now)
                 waited_until = until
