@@ -10,8 +10,9 @@ The models hold the typed fields only. The JSON-valued ones (``input``, ``defini
 workflow's ``definition`` and every field the models do not know) become JSON columns, so they
 are never turned into Python objects: a page's bytes are split once more by msgspec into each
 record's top-level fields (``msgspec.Raw``: byte spans, not parsed values), and those spans are
-kept verbatim in ``PageJson``. Building and re-serializing those Python trees was 40% of a
-sync's CPU (measured at 100k runs); the text is also exactly what the API sent.
+kept verbatim in ``RawJson``. Building and re-serializing those Python trees was 40% of a
+sync's CPU (measured at 100k runs); the text is also exactly what the API sent. The embedded
+workflow is validated apart, once per distinct snapshot (``_snapshot``).
 """
 
 from __future__ import annotations
