@@ -24,7 +24,7 @@ from urllib.parse import quote
 
 import httpx
 
-from ..config import Settings, redact_url
+from ..config import DEFAULT_MAX_RESPONSE_BYTES, Settings, redact_url
 from ..errors import (
     AuthError,
     ConfigError,
@@ -45,7 +45,6 @@ MAX_RETRY_AFTER = 300.0
 LOG_WAITS_OVER = 5.0
 # Same-origin redirects followed per request; more is a loop.
 MAX_REDIRECTS = 5
-DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 # Server text quoted in an error message is cut to this many characters.
 DETAIL_CHARS = 200
 

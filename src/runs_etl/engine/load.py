@@ -8,6 +8,7 @@ soft (``_deleted_at``) and only for runs confirmed gone, behind a mass-delete br
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -38,11 +39,11 @@ class MergeCounts:
     workflows_updated: int = 0
 
 
-def _changed(cols: list[str], a: str, b: str) -> str:
+def _changed(cols: Sequence[str], a: str, b: str) -> str:
     return " OR ".join(f"{a}.{c} IS DISTINCT FROM {b}.{c}" for c in cols if c != "id")
 
 
-def _list(cols: list[str], prefix: str = "") -> str:
+def _list(cols: Sequence[str], prefix: str = "") -> str:
     return ", ".join(prefix + c for c in cols)
 
 
@@ -63,7 +64,7 @@ def merge(con, workspace: str, sync_id: int, *, at: datetime | None = None) -> M
     # Narrow first: each run's latest sighting with the few columns kept here. Only runs the
     # warehouse already holds are compared column by column (a first sync reads no wide
     # column here, where a join of every column cost ~60 MB of memory at 100k runs).
-    history = _list(list(HISTORY_COLUMNS), "s.")
+    history = _list(HISTORY_COLUMNS, "s.")
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE run_changes AS
         WITH latest AS (SELECT id, max(_seq) AS _seq FROM stage_runs GROUP BY id),
@@ -79,7 +80,7 @@ def merge(con, workspace: str, sync_id: int, *, at: datetime | None = None) -> M
                CASE WHEN NOT existing THEN 'new'
                     WHEN _deleted_at IS NOT NULL OR id IN (SELECT id FROM differ)
                     THEN 'updated' ELSE 'unchanged' END AS change,
-               _deleted_at IS NOT NULL AS undeleted, {_list(list(HISTORY_COLUMNS))}
+               _deleted_at IS NOT NULL AS undeleted, {_list(HISTORY_COLUMNS)}
         FROM known""", {"ws": workspace})
     con.execute("DELETE FROM runs WHERE workspace = $ws AND id IN "
                 "(SELECT id FROM run_changes WHERE change = 'updated')", {"ws": workspace})
@@ -146,14 +147,14 @@ def record_history(con, workspace: str, sync_id: int, valid_from: datetime) -> i
     con.execute("UPDATE run_history SET valid_to = $t WHERE workspace = $ws AND valid_to IS NULL "
                 "AND run_id IN (SELECT id FROM runs WHERE workspace = $ws "
                 "AND _deleted_at IS NOT NULL)", p)
-    tracked = ", ".join(f"s.{c}" for c in HISTORY_COLUMNS)
+    tracked = _list(HISTORY_COLUMNS, "s.")
     # ``run_changes`` (from ``merge``) holds the tracked columns of each run's latest sighting.
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE history_seen AS
         WITH open AS (SELECT * FROM run_history WHERE workspace = $ws AND valid_to IS NULL)
         SELECT s.id AS run_id, {tracked}, h._last_seen_at AS prev_seen,
                h.run_id IS NOT NULL AS has_open,
-               h.run_id IS NULL OR {_changed(list(HISTORY_COLUMNS), 's', 'h')} AS changed
+               h.run_id IS NULL OR {_changed(HISTORY_COLUMNS, 's', 'h')} AS changed
         FROM run_changes s LEFT JOIN open h ON h.run_id = s.id""", {"ws": workspace})
     con.execute("UPDATE run_history SET _last_seen_at = $t WHERE workspace = $ws "
                 "AND valid_to IS NULL AND run_id IN "
@@ -161,7 +162,7 @@ def record_history(con, workspace: str, sync_id: int, valid_from: datetime) -> i
     con.execute("UPDATE run_history SET valid_to = $t WHERE workspace = $ws "
                 "AND valid_to IS NULL AND run_id IN "
                 "(SELECT run_id FROM history_seen WHERE changed AND has_open)", p)
-    cols = ", ".join(HISTORY_COLUMNS)
+    cols = _list(HISTORY_COLUMNS)
     con.execute(f"""
         INSERT INTO run_history (workspace, run_id, valid_from, valid_to, {cols},
                                  observed_after, _last_seen_at, _sync_id)
