@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..config import DEFAULT_WORKSPACE
-from ..errors import WarehouseError
+from ..errors import WarehouseError, first_line
 from ..warehouse.connect import sql_glob
 from .client import FetchedPage
 from .models import TERMINAL_STATUSES
@@ -136,7 +136,7 @@ class Stage:
 
 def _staging_failure(folder: Path, exc: OSError) -> WarehouseError:
     """A full disk (or a folder gone read-only) while staging is an operating condition."""
-    detail = os.strerror(exc.errno) if exc.errno else str(exc).strip().splitlines()[0]
+    detail = os.strerror(exc.errno) if exc.errno else first_line(exc)
     return WarehouseError(f"cannot write the sync's staged batches in {folder} ({detail}); "
                           "nothing was committed. Check free disk space beside the database")
 

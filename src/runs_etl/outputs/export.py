@@ -48,7 +48,7 @@ from filelock import FileLock, Timeout
 
 from ..config import Settings
 from ..engine.staging import STAGING_PREFIX
-from ..errors import ConfigError, LockedError, WarehouseError
+from ..errors import ConfigError, LockedError, WarehouseError, first_line
 from ..warehouse.connect import open_read_only, sql_glob, sql_string
 from ..warehouse.views import apply_views, view_sql
 
@@ -165,7 +165,7 @@ def _export_locked(con, root: Path) -> ExportResult:
         os.rename(staging, result.path)
     except duckdb.Error as e:
         shutil.rmtree(staging, ignore_errors=True)
-        raise WarehouseError(f"Parquet export failed: {str(e).strip().splitlines()[0]}") from None
+        raise WarehouseError(f"Parquet export failed: {first_line(e)}") from None
     except OSError as e:
         shutil.rmtree(staging, ignore_errors=True)
         raise WarehouseError(f"Parquet export to {root} failed: {e}") from None
@@ -316,7 +316,7 @@ def write_analytics_db(root: Path) -> Path:
         tmp_sql.write_text(text, encoding="utf-8")
         os.replace(tmp_sql, sql_file)
     except duckdb.Error as e:
-        raise WarehouseError(f"cannot write {target}: {str(e).strip().splitlines()[0]}") from None
+        raise WarehouseError(f"cannot write {target}: {first_line(e)}") from None
     except OSError as e:
         raise WarehouseError(f"cannot write {target}: {e}") from None
     return target
