@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
 import duckdb
 import httpx
@@ -45,7 +45,10 @@ from .walk import NullProgress, Progress, gather_or_cancel
 
 log = logging.getLogger("runs_etl.sync")
 
-T = TypeVar("T")
+# DuckDB running out of memory or disk, in a statement or at commit (a commit fails so when its
+# WAL cannot grow): an operating condition, reported by ``_warehouse_failure``.
+_WAREHOUSE_FAILURES = (duckdb.OutOfMemoryException, duckdb.IOException,
+                       duckdb.TransactionException)
 
 
 @dataclass
@@ -167,8 +170,7 @@ def sync_workspaces(settings: Settings, con, names: Sequence[str], *,
     try:
         migrate(con)
         ledger.mark_abandoned(con)
-    except (duckdb.OutOfMemoryException, duckdb.IOException,
-            duckdb.TransactionException) as exc:  # a commit fails so when its WAL cannot grow
+    except _WAREHOUSE_FAILURES as exc:
         raise _warehouse_failure(settings, exc) from exc
     jobs = [_open_job(settings, con, name, full_refresh, t_start) for name in names]
     try:
@@ -224,8 +226,7 @@ def _load(job: _Job, allow_mass_delete: bool) -> None:
             ledger.close_attempt(cur, result.sync_id, "success", result.ledger_fields())
             (loaded_at,) = cur.execute("SELECT now()").fetchall()[0]  # the merge's time stamps
             cur.commit()
-        except (duckdb.OutOfMemoryException, duckdb.IOException,
-                duckdb.TransactionException) as exc:  # a commit fails so when its WAL can't grow
+        except _WAREHOUSE_FAILURES as exc:
             raise _warehouse_failure(job.settings, exc) from exc
     except Exception as exc:  # this workspace's failure; the next one still loads
         job.error = exc

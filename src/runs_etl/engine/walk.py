@@ -135,6 +135,7 @@ def not_newer(a: datetime, b: datetime) -> bool:
 class _Pass:
     """What one pass saw: seq range, reported totals, and each page's created_at bounds."""
 
+    page_size: int  # to judge ``pages`` against ``total``
     first_seq: int = 1 << 62
     last_seq: int = 0
     totals: list = field(default_factory=list)  # (arrival seq, total) per response
@@ -145,7 +146,6 @@ class _Pass:
     rejected: int = 0  # records that failed validation
     bounds: dict[int, tuple] = field(default_factory=dict)  # page -> (newest, oldest, total)
     sorted_within: bool = True
-    page_size: int = 0  # to judge ``pages`` against ``total``; 0: not judged
     bad_total: str | None = None  # the first response whose total could not be believed
 
     def record(self, page: FetchedPage) -> None:
@@ -157,7 +157,7 @@ class _Pass:
         self.rejected += len(page.parsed.rejected)
         if page.seq > self.last_total_seq:
             self.last_total, self.last_total_seq = page.parsed.total, page.seq
-        if self.bad_total is None and self.page_size:
+        if self.bad_total is None:
             self.bad_total = total_problem(page, self.page_size)
         created = [utc(r.created_at) for r in page.parsed.runs]
         if created:
