@@ -142,15 +142,25 @@ async def _confirm_absent(extracted: Extracted, client: ApiClient, sink, setting
     if not allow_mass_delete:
         check_mass_delete(len(candidates), await sink.live_count(),
                           settings.sync.max_delete_fraction)
-    fetched = await gather_or_cancel(client.fetch_run(i) for i in candidates)
-    found = [r for r in fetched if r is not None]
-    extracted.missing_ids.extend(gone(candidates, fetched))
+    found, missing = await _fetch_by_id(client, sink, candidates)
+    extracted.missing_ids.extend(missing)
     if found:
         log.warning("%d runs missed by the walk still exist (found by id): kept and refreshed",
-                    len(found))
-        extracted.reason += f"; {len(found)} runs missed by the walk were found by id"
+                    found)
+        extracted.reason += f"; {found} runs missed by the walk were found by id"
+
+
+async def _fetch_by_id(client: ApiClient, sink, ids: list[str]) -> tuple[int, list[str]]:
+    """``GET /v1/runs/{id}`` for each of ``ids``; the runs found are staged as one page (one
+    seq for all: later than every page, so these snapshots win). Returns how many were found
+    and the ids confirmed gone (see ``gone``)."""
+    fetched = await gather_or_cancel(client.fetch_run(i) for i in ids)
+    found = [r for r in fetched if r is not None]
+    missing = gone(ids, fetched)
+    if found:
         await sink.put(FetchedPage(0, client.next_seq(), ParsedPage.of(found), None, 0))
         await sink.flush()
+    return len(found), missing
 
 
 def gone(ids: list[str], fetched: list) -> list[str]:
@@ -189,12 +199,6 @@ async def _refresh_open(plan: Plan, report: WalkReport, client: ApiClient, sink,
         full.pages += report.pages
         return Extracted("incremental", f"{plan.reason}; {len(open_ids)} open runs unreached, "
                          f"read everything ({full.reason})", full, True)
-    fetched = await gather_or_cancel(client.fetch_run(i) for i in open_ids)
-    runs = [r for r in fetched if r is not None]
-    missing = gone(open_ids, fetched)
-    if runs:
-        # One seq for all: later than every page, so these snapshots win.
-        await sink.put(FetchedPage(0, client.next_seq(), ParsedPage.of(runs), None, 0))
-        await sink.flush()
+    _, missing = await _fetch_by_id(client, sink, open_ids)
     return Extracted("incremental", f"{plan.reason}; walked {report.pages} pages, refreshed "
                      f"{len(open_ids)} open runs ({len(missing)} gone)", report, False, missing)
