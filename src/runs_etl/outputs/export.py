@@ -33,7 +33,6 @@ a reader's open connection is not pulled from under it by every export.
 
 from __future__ import annotations
 
-import importlib.resources
 import json
 import os
 import re
@@ -50,7 +49,7 @@ from ..config import Settings
 from ..engine.staging import STAGING_PREFIX
 from ..errors import ConfigError, LockedError, WarehouseError, first_line
 from ..warehouse.connect import open_read_only, sql_glob, sql_string
-from ..warehouse.views import apply_views, view_sql
+from ..warehouse.views import sql_files, view_sql
 
 CURRENT = "current"
 VERSIONS = "versions"
@@ -186,16 +185,9 @@ def _columns(con, table: str) -> str:
 
 
 
-def _sql_texts() -> list[str]:
-    """The ``sql/`` files' texts in the order ``apply_views`` runs them."""
-    files = sorted((f for f in importlib.resources.files("runs_etl.sql").iterdir()
-                    if f.name.endswith(".sql")), key=lambda f: f.name)
-    return [f.read_text(encoding="utf-8") for f in files]
-
-
 def sql_view_names() -> list[str]:
     """The views ``sql/`` defines, in the order ``apply_views`` creates them."""
-    return [m.group(1) for text in _sql_texts() for m in VIEW_NAME.finditer(text)]
+    return [m.group(1) for _, text in sql_files() for m in VIEW_NAME.finditer(text)]
 
 
 def _write_tables(con, staging: Path, version: str, result: ExportResult) -> dict:
@@ -287,7 +279,7 @@ def analytics_sql(root: Path) -> str:
     header = (f"-- runs-etl: the warehouse's catalogue over the Parquet export {cur}.\n"
               "-- Another machine: replace that path, then run this file in any DuckDB.\n")
     return header + "\n".join(_table_views(cur)) + "\n\n" + "\n".join(
-        view_sql(text) for text in _sql_texts())
+        view_sql(text) for _, text in sql_files())
 
 
 def write_analytics_db(root: Path) -> Path:
@@ -304,9 +296,7 @@ def write_analytics_db(root: Path) -> Path:
             con = duckdb.connect(str(tmp), config={
                 "storage_compatibility_version": ANALYTICS_STORAGE_VERSION})
             try:
-                for stmt in _table_views(Path(os.path.abspath(root)) / CURRENT):
-                    con.execute(stmt)
-                apply_views(con)
+                con.execute(text)  # the tables over current, then sql/: what apply_views runs
             finally:
                 con.close()
             os.replace(tmp, target)

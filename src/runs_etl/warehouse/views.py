@@ -26,15 +26,19 @@ def view_sql(text: str) -> str:
     return text
 
 
-def apply_views(con) -> list[str]:
-    """(Re)create every view in ``sql/`` in file-name order; returns the file names."""
-    names = []
+def sql_files() -> list[tuple[str, str]]:
+    """(file name, text) of every ``sql/`` file, in the file-name order they are applied in."""
     files = sorted((f for f in importlib.resources.files("runs_etl.sql").iterdir()
                     if f.name.endswith(".sql")), key=lambda f: f.name)
-    for f in files:
-        con.execute(view_sql(f.read_text(encoding="utf-8")))
-        names.append(f.name)
-    return names
+    return [(f.name, f.read_text(encoding="utf-8")) for f in files]
+
+
+def apply_views(con) -> list[str]:
+    """(Re)create every view in ``sql/`` in file-name order; returns the file names."""
+    files = sql_files()
+    for _, text in files:
+        con.execute(view_sql(text))
+    return [name for name, _ in files]
 
 
 def store_view_settings(con, settings: Settings) -> None:
