@@ -27,7 +27,7 @@ from .ops.lock import Holder, note_progress, record_skipped, writer_lock
 from .outputs.export import ExportResult, export_parquet
 from .warehouse.connect import connect
 from .warehouse.ledger import SyncResult
-from .warehouse.publish import open_working, publish
+from .warehouse.publish import open_working, publish, remove_db_files
 
 log = logging.getLogger("runs_etl.jobs")
 
@@ -116,9 +116,9 @@ def run_replay(settings: Settings, *, since: datetime | None = None, in_place: b
         if target.exists():
             raise ConfigError([f"--out: {target} exists; remove it or name another file"])
     partial = target.with_name(f".{target.name}.partial")
-    for leftover in (partial, target if in_place else None):
-        if leftover is not None:
-            leftover.unlink(missing_ok=True)
+    remove_db_files(partial)  # a killed replay's, with its WAL
+    if in_place:
+        remove_db_files(target)
     with contextlib.ExitStack() as stack:
         if in_place:  # no sync may write between the replay and the swap
             stack.enter_context(writer_lock(db, wh.lock_wait, command="runs-etl replay"))
@@ -129,7 +129,7 @@ def run_replay(settings: Settings, *, since: datetime | None = None, in_place: b
                 result = replay.replay(con, root, since=since, progress=bar)
         except BaseException:
             con.close()
-            partial.unlink(missing_ok=True)
+            remove_db_files(partial)
             raise
         con.close()
         os.replace(partial, target)
@@ -143,7 +143,7 @@ def run_replay(settings: Settings, *, since: datetime | None = None, in_place: b
             finally:
                 con.close()
         finally:
-            target.unlink(missing_ok=True)
+            remove_db_files(target)
     return db, result
 
 

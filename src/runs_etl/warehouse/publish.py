@@ -93,7 +93,7 @@ def _remove_leftovers(published: Path) -> None:
 def _create_working(wh: WarehouseSettings, work: Path) -> None:
     published = Path(wh.duckdb_path)
     tmp = work.with_name(f"{work.name}.new-{os.getpid()}")
-    _remove_db_files(tmp)
+    remove_db_files(tmp)
     con = connect(tmp, memory_limit=wh.memory_limit,
                   storage_compatibility=wh.storage_compatibility)
     try:
@@ -114,7 +114,7 @@ def _create_working(wh: WarehouseSettings, work: Path) -> None:
         con.execute("CHECKPOINT")
     except BaseException:
         con.close()
-        _remove_db_files(tmp)
+        remove_db_files(tmp)
         raise
     con.close()
     os.replace(tmp, work)
@@ -170,7 +170,8 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
-def _remove_db_files(path: Path) -> None:
+def remove_db_files(path: Path) -> None:
+    """A DuckDB file and its WAL, if there."""
     for p in (path, path.with_name(path.name + ".wal")):
         p.unlink(missing_ok=True)
 
@@ -180,7 +181,7 @@ def remove_warehouse(db_path: Path | str) -> None:
     db_path = Path(db_path)
     work = working_path(db_path)
     for p in (db_path, work):
-        _remove_db_files(p)
+        remove_db_files(p)
     for folder in (work.with_name(work.name + ".staging"),
                    db_path.with_name(db_path.name + ".staging")):
         shutil.rmtree(folder, ignore_errors=True)
