@@ -17,14 +17,14 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta, tzinfo
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from ..config import ScheduleSettings, Settings
+from ..config import ScheduleSettings, Settings, check_timezone
 from ..errors import EXIT_INTERRUPTED, EXIT_OK, ConfigError, LockedError, RunsEtlError
 from .logs import log_failure
 from .signals import interrupt, was_interrupted
@@ -45,10 +45,9 @@ SyncFn = Callable[[Settings], object]
 
 def _timezone(name: str) -> tzinfo:
     try:
-        return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise ConfigError([f"schedule.timezone: unknown timezone {name!r} "
-                           "(use an IANA name such as UTC or Europe/Lisbon)"]) from None
+        return ZoneInfo(check_timezone(name))
+    except ValueError as e:
+        raise ConfigError([f"schedule.timezone: {e}"]) from None
 
 
 def _cron_weekdays(field: str) -> str:
