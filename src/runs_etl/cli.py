@@ -231,7 +231,7 @@ def cmd_lake(args: argparse.Namespace) -> int:
         verb = "would remove" if args.dry_run else "removed"
         line = f"vacuum {verb} " + ", ".join(f"{t} {n} files" for t, n in removed.items())
     else:
-        line = str(lake.rebuild_lake(settings)).replace("merged", "rebuilt", 1)
+        line = str(lake.rebuild_lake(settings))
     if not args.quiet:
         print(line)
     return EXIT_OK

@@ -78,8 +78,9 @@ def run_syncs(settings: Settings, workspaces: Sequence[str] | None = None, *,
             seconds = publish(con, wh)
             log.debug("published %s in %.3fs", wh.duckdb_path, seconds,
                       extra={"event": "published", "seconds": seconds})
-            lake_failure = _write_lake(settings, con) if settings.lake.uri and synced else None
-            if settings.export.parquet_dir is not None and synced:
+            # At least one workspace committed here (none would have raised above).
+            lake_failure = _write_lake(settings, con) if settings.lake.uri else None
+            if settings.export.parquet_dir is not None:
                 _export_after_sync(settings, con, synced[-1].result)
             if lake_failure is not None:  # after the export, which does not need the lake
                 raise lake_failure

@@ -56,11 +56,12 @@ class LakeResult:
     rows: dict[str, int] = field(default_factory=dict)  # rows merged (or written) per table
     versions: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    verb: str = "merged"  # "rebuilt" for ``rebuild_lake``
 
     def __str__(self) -> str:
-        merged = ", ".join(f"{t} {n}" for t, n in self.rows.items())
+        rows = ", ".join(f"{t} {n}" for t, n in self.rows.items())
         return (f"lake {self.uri} at sync {self.sync_id} (runs version "
-                f"{self.versions.get('runs')}): merged {merged} in {self.seconds:.2f}s")
+                f"{self.versions.get('runs')}): {self.verb} {rows} in {self.seconds:.2f}s")
 
 
 # --- settings -> delta-rs ---------------------------------------------------------------------
@@ -380,7 +381,7 @@ def rebuild_lake(settings: Settings) -> LakeResult:
     con = open_read_only(settings.warehouse)
     try:
         sync_id = _warehouse_sync_id(con)
-        result = LakeResult(redact_url(_root(settings)), sync_id)
+        result = LakeResult(redact_url(_root(settings)), sync_id, verb="rebuilt")
         with _lake_errors(settings, "lake rebuild of"):
             for table in TABLES:
                 sql = _source_sql(con, table, settings)
