@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
 
 from ..errors import DataError
 from ..warehouse import ledger
+from ..warehouse.ledger import SyncResult
 from .models import RUN_FIELDS
 from .normalize import RUNS_SCHEMA, WORKFLOWS_SCHEMA, data_columns
 
@@ -54,6 +55,22 @@ def check_mass_delete(n: int, live: int, max_fraction: float) -> None:
             f"refusing to mark {n} of {live} runs deleted ({n / live:.1%} > "
             f"sync.max_delete_fraction {max_fraction:.1%}); nothing was committed. If the "
             "source really lost them, run again with --allow-mass-delete")
+
+
+def apply_staged(con, result: SyncResult, workspace: str, gone_ids: list[str], *,
+                 max_fraction: float | None, started_at: datetime,
+                 at: datetime | None = None) -> None:
+    """The load proper, one sequence for a sync and for its replay, inside their transaction:
+    merge the staged snapshots, mark the runs confirmed gone deleted, version ``run_history``
+    and keep the rejected records; the counts go onto ``result`` (its ``sync_id`` is the
+    load's)."""
+    sync_id = result.sync_id
+    for k, v in asdict(merge(con, workspace, sync_id, at=at)).items():
+        setattr(result, k, v)
+    result.rows_deleted = mark_deleted(con, workspace, sync_id, gone_ids,
+                                       max_fraction=max_fraction, at=at)
+    record_history(con, workspace, sync_id, started_at)
+    result.rows_rejected = save_rejected(con, workspace, sync_id)
 
 
 def merge(con, workspace: str, sync_id: int, *, at: datetime | None = None) -> MergeCounts:

@@ -114,14 +114,8 @@ def _replay_one(con, kept: pages.RetainedSync, stage_dir: Path | None,
                             mode_reason=f"replay of {kept.path.name}", pages=n_pages)
         (result.runs_seen,) = cur.execute("SELECT count(DISTINCT id) FROM stage_runs"
                                           ).fetchall()[0]
-        counts = load.merge(cur, kept.workspace, kept.sync_id, at=at)
-        for k, v in vars(counts).items():
-            setattr(result, k, v)
-        result.rows_deleted = load.mark_deleted(cur, kept.workspace, kept.sync_id,
-                                                commit.get("deleted", []), max_fraction=None,
-                                                at=at)
-        load.record_history(cur, kept.workspace, kept.sync_id, kept.started_at)
-        result.rows_rejected = load.save_rejected(cur, kept.workspace, kept.sync_id)
+        load.apply_staged(cur, result, kept.workspace, commit.get("deleted", []),
+                          max_fraction=None, started_at=kept.started_at, at=at)
         ledger.close_attempt(cur, kept.sync_id, "success", result.ledger_fields())
         cur.commit()
         return n_pages, result.runs_seen

@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -354,15 +354,11 @@ def _finish_load(stage: Stage, settings: Settings, result: SyncResult, extracted
             f"({rejected / received:.1%} > sync.max_reject_fraction "
             f"{settings.sync.max_reject_fraction:.1%}); nothing was committed. First problem: "
             + con.execute("SELECT error FROM stage_rejected LIMIT 1").fetchall()[0][0])
-    for k, v in asdict(load.merge(con, stage.workspace, result.sync_id)).items():
-        setattr(result, k, v)
     # Only runs confirmed gone (404 by id) are deleted; see extract.py for how they are found.
-    result.rows_deleted = load.mark_deleted(
-        con, stage.workspace, result.sync_id, extracted.missing_ids,
-        max_fraction=None if allow_mass_delete else settings.sync.max_delete_fraction)
-    load.record_history(con, stage.workspace, result.sync_id,
-                        load.sync_started_at(con, result.sync_id))
-    load.save_rejected(con, stage.workspace, result.sync_id)
+    load.apply_staged(
+        con, result, stage.workspace, extracted.missing_ids,
+        max_fraction=None if allow_mass_delete else settings.sync.max_delete_fraction,
+        started_at=load.sync_started_at(con, result.sync_id))
     result.new_fields = ", ".join(load.new_extra_fields(con, stage.workspace)) or None
     store_view_settings(con, settings)
     apply_views(con)
