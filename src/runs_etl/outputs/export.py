@@ -48,7 +48,7 @@ from filelock import FileLock, Timeout
 from ..config import Settings
 from ..engine.staging import STAGING_PREFIX
 from ..errors import ConfigError, LockedError, WarehouseError, first_line
-from ..warehouse.connect import open_read_only, sql_glob, sql_string
+from ..warehouse.connect import open_read_only, select_list, sql_glob, sql_string
 from ..warehouse.views import sql_files, view_sql
 
 CURRENT = "current"
@@ -177,12 +177,7 @@ def _export_locked(con, root: Path) -> ExportResult:
 
 def _columns(con, table: str) -> str:
     """The exported select list: JSON as text (readable by any Parquet tool), no internals."""
-    cols = con.execute("SELECT column_name, data_type FROM duckdb_columns() "
-                       "WHERE schema_name = 'main' AND table_name = ? ORDER BY column_index",
-                       [table]).fetchall()
-    return ", ".join(f'CAST(t."{c}" AS VARCHAR) AS "{c}"' if typ == "JSON" else f't."{c}"'
-                     for c, typ in cols if c not in DROP_COLUMNS[table])
-
+    return select_list(con, table, alias="t.", drop=DROP_COLUMNS[table])
 
 
 def sql_view_names() -> list[str]:

@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 
 from ..config import Settings, redact_url
 from ..errors import LakeError
-from ..warehouse.connect import open_read_only, sql_string
+from ..warehouse.connect import open_read_only, select_list, sql_string
 
 log = logging.getLogger("runs_etl.lake")
 
@@ -156,16 +156,8 @@ def _retrying(fn: Callable[[], T]) -> T:
 
 # --- DuckDB -> Arrow ------------------------------------------------------------------------------
 
-def _select_list(con, table: str) -> str:
-    """Every column of ``table``, JSON as text (Delta has no JSON type)."""
-    cols = con.execute("SELECT column_name, data_type FROM information_schema.columns "
-                       "WHERE table_schema = 'main' AND table_name = ? ORDER BY ordinal_position",
-                       [table]).fetchall()
-    return ", ".join(f'"{c}"::VARCHAR AS "{c}"' if t == "JSON" else f'"{c}"' for c, t in cols)
-
-
 def _source_sql(con, table: str, settings: Settings) -> str:
-    cols = _select_list(con, table)
+    cols = select_list(con, table)
     if table == "runs" and settings.lake.partition_by_month:
         cols += (f", strftime(created_at AT TIME ZONE 'UTC', '%Y-%m') AS {MONTH_COLUMN}")
     return f"SELECT {cols} FROM {table}"

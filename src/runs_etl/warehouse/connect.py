@@ -10,6 +10,7 @@ import errno
 import fcntl
 import glob
 import os
+from collections.abc import Container
 from pathlib import Path
 
 import duckdb
@@ -82,6 +83,16 @@ def _locked_by_another_process(path: Path, read_only: bool) -> bool:
 def sql_string(text: str) -> str:
     """A SQL string literal (quotes doubled)."""
     return "'" + text.replace("'", "''") + "'"
+
+
+def select_list(con, table: str, *, alias: str = "", drop: Container[str] = ()) -> str:
+    """Every column of ``table`` as a select list, JSON cast to text (Parquet and Delta have no
+    JSON type), each qualified with ``alias`` (e.g. ``"t."``), those in ``drop`` left out."""
+    cols = con.execute("SELECT column_name, data_type FROM duckdb_columns() "
+                       "WHERE schema_name = 'main' AND table_name = ? ORDER BY column_index",
+                       [table]).fetchall()
+    return ", ".join(f'CAST({alias}"{c}" AS VARCHAR) AS "{c}"' if typ == "JSON"
+                     else f'{alias}"{c}"' for c, typ in cols if c not in drop)
 
 
 def sql_glob(folder: Path, pattern: str) -> str:
