@@ -196,6 +196,12 @@ def save_rejected(con, workspace: str, sync_id: int) -> int:
     return n
 
 
+def live_count(con, workspace: str) -> int:
+    """Live runs of ``workspace`` in the warehouse (the mass-delete breaker's denominator)."""
+    return con.execute("SELECT count(*) FROM runs WHERE workspace = ? AND _deleted_at IS NULL",
+                       [workspace]).fetchall()[0][0]
+
+
 def mark_deleted(con, workspace: str, sync_id: int, ids: list[str], *,
                  max_fraction: float | None, at: datetime | None = None) -> int:
     """Soft-delete the live runs of ``workspace`` among ``ids`` (confirmed gone: 404 by id).
@@ -206,7 +212,7 @@ def mark_deleted(con, workspace: str, sync_id: int, ids: list[str], *,
     live_runs = "FROM runs WHERE workspace = $ws AND _deleted_at IS NULL"
     (n,) = con.execute(f"SELECT count(DISTINCT id) {live_runs} AND id IN (SELECT id FROM gone)",
                        {"ws": workspace}).fetchall()[0]
-    (live,) = con.execute(f"SELECT count(*) {live_runs}", {"ws": workspace}).fetchall()[0]
+    live = live_count(con, workspace)
     if max_fraction is not None:
         check_mass_delete(n, live, max_fraction)
     if n:

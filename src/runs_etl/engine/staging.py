@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from ..config import DEFAULT_WORKSPACE
 from ..errors import WarehouseError, first_line
 from ..warehouse.connect import sql_glob
+from . import load
 from .client import FetchedPage
 from .models import TERMINAL_STATUSES
 from .normalize import RUNS_SCHEMA, WORKFLOWS_SCHEMA, Batch, normalize
@@ -122,10 +123,8 @@ class Stage:
             {"ws": self.workspace, "open_only": open_only, "terminal": terminal}).fetchall()]
 
     def live_count(self) -> int:
-        """Live runs in the warehouse (the mass-delete breaker's denominator)."""
-        return self.con.execute(
-            "SELECT count(*) FROM runs WHERE workspace = ? AND _deleted_at IS NULL",
-            [self.workspace]).fetchall()[0][0]
+        """Live runs of this workspace in the warehouse."""
+        return load.live_count(self.con, self.workspace)
 
     def close(self) -> None:
         """Drop the views and delete the staged files."""
