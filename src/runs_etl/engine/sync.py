@@ -61,6 +61,7 @@ class _Job:
     plan: Plan
     result: SyncResult
     t_start: float
+    started_at: datetime  # the ledger row's start: the time of everything this sync observes
     stage: Stage | None = None
     sink: StagingSink | None = None
     extracted: Extracted | None = None
@@ -202,7 +203,8 @@ def _open_job(settings: Settings, con, name: str, full_refresh: bool, t_start: f
     # The URL may carry credentials (https://user:pass@host): the ledger keeps it without them.
     sync_id = ledger.open_attempt(cur, name, redact_url(ws_settings.api.url))
     result = SyncResult(sync_id=sync_id, mode=plan.mode, mode_reason=plan.reason)
-    return _Job(name, ws_settings, cur, plan, result, t_start)
+    return _Job(name, ws_settings, cur, plan, result, t_start,
+                load.sync_started_at(cur, sync_id))
 
 
 def _load(job: _Job, allow_mass_delete: bool) -> None:
@@ -219,7 +221,8 @@ def _load(job: _Job, allow_mass_delete: bool) -> None:
         # transaction (begun now, so DuckDB's now() in the merge is the time of the load).
         cur.begin()
         try:
-            _finish_load(job.stage, job.settings, result, job.extracted, allow_mass_delete)
+            _finish_load(job.stage, job.settings, result, job.extracted, allow_mass_delete,
+                         job.started_at)
             result.seconds_load = time.perf_counter() - t1 + job.sink.seconds
             result.seconds_total = time.perf_counter() - job.t_start
             result.outcome = "success"
@@ -257,7 +260,7 @@ def _open_recorder(job: _Job) -> pages.PageRecorder | None:
     try:
         pages.prune(root, job.name, keep)
         return pages.PageRecorder(root, job.name, job.result.sync_id,
-                                  load.sync_started_at(job.cur, job.result.sync_id))
+                                  job.started_at)
     except OSError as e:
         _pages_lost(job, e)
         return None
@@ -341,7 +344,7 @@ def _record_walk(result: SyncResult, extracted: Extracted) -> None:
 
 
 def _finish_load(stage: Stage, settings: Settings, result: SyncResult, extracted: Extracted,
-                 allow_mass_delete: bool) -> None:
+                 allow_mass_delete: bool, started_at: datetime) -> None:
     """Everything after the walk, inside the sync's transaction."""
     con = stage.con
     (rejected,) = con.execute("SELECT count(*) FROM stage_rejected").fetchall()[0]
@@ -358,7 +361,7 @@ def _finish_load(stage: Stage, settings: Settings, result: SyncResult, extracted
     load.apply_staged(
         con, result, stage.workspace, extracted.missing_ids,
         max_fraction=None if allow_mass_delete else settings.sync.max_delete_fraction,
-        started_at=load.sync_started_at(con, result.sync_id))
+        started_at=started_at)
     result.new_fields = ", ".join(load.new_extra_fields(con, stage.workspace)) or None
     store_view_settings(con, settings)
     apply_views(con)
