@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -25,9 +24,8 @@ from .errors import ConfigError, LakeError, LockedError, RunsEtlError, Workspace
 from .ops.console import make_progress
 from .ops.lock import Holder, note_progress, record_skipped, writer_lock
 from .outputs.export import ExportResult, export_parquet
-from .warehouse.connect import connect
 from .warehouse.ledger import SyncResult
-from .warehouse.publish import open_working, publish, remove_db_files
+from .warehouse.publish import new_database, open_working, publish, remove_db_files
 
 log = logging.getLogger("runs_etl.jobs")
 
@@ -112,28 +110,17 @@ def run_replay(settings: Settings, *, since: datetime | None = None, in_place: b
     root = pages.pages_root(db)
     if in_place:
         target = db.with_name(f".{db.name}.replay")
+        remove_db_files(target)  # a killed replay's, with its WAL
     else:
         target = out or db.with_name(f"{db.stem}.replayed{db.suffix}")
         if target.exists():
             raise ConfigError([f"--out: {target} exists; remove it or name another file"])
-    partial = target.with_name(f".{target.name}.partial")
-    remove_db_files(partial)  # a killed replay's, with its WAL
-    if in_place:
-        remove_db_files(target)
     with contextlib.ExitStack() as stack:
         if in_place:  # no sync may write between the replay and the swap
             stack.enter_context(writer_lock(db, wh.lock_wait, command="runs-etl replay"))
-        con = connect(partial, memory_limit=wh.memory_limit,
-                      storage_compatibility=wh.storage_compatibility)
-        try:
-            with make_progress(quiet=quiet) as bar:
-                result = replay.replay(con, root, since=since, progress=bar)
-        except BaseException:
-            con.close()
-            remove_db_files(partial)
-            raise
-        con.close()
-        os.replace(partial, target)
+        with new_database(wh, target, target.with_name(f".{target.name}.partial")) as con, \
+                make_progress(quiet=quiet) as bar:
+            result = replay.replay(con, root, since=since, progress=bar)
         if not in_place:
             return target, result
         try:

@@ -27,6 +27,7 @@ import os
 import shutil
 import stat
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import duckdb
@@ -90,13 +91,26 @@ def _remove_leftovers(published: Path) -> None:
                 leftover.unlink()
 
 
-def _create_working(wh: WarehouseSettings, work: Path) -> None:
-    published = Path(wh.duckdb_path)
-    tmp = work.with_name(f"{work.name}.new-{os.getpid()}")
-    remove_db_files(tmp)
+@contextlib.contextmanager
+def new_database(wh: WarehouseSettings, target: Path, tmp: Path) -> Iterator:
+    """A connection to a new DuckDB file at ``tmp`` (in the warehouse's storage version) that
+    is renamed to ``target`` when the block ends, or removed with its WAL when it fails."""
+    remove_db_files(tmp)  # a killed process's
     con = connect(tmp, memory_limit=wh.memory_limit,
                   storage_compatibility=wh.storage_compatibility)
     try:
+        yield con
+    except BaseException:
+        con.close()
+        remove_db_files(tmp)
+        raise
+    con.close()
+    os.replace(tmp, target)
+
+
+def _create_working(wh: WarehouseSettings, work: Path) -> None:
+    published = Path(wh.duckdb_path)
+    with new_database(wh, work, work.with_name(f"{work.name}.new-{os.getpid()}")) as con:
         if published.exists():
             t0 = time.perf_counter()
             (name,) = con.execute("SELECT current_database()").fetchall()[0]
@@ -112,12 +126,6 @@ def _create_working(wh: WarehouseSettings, work: Path) -> None:
                      "read-only snapshots to %s", published, time.perf_counter() - t0, work,
                      published, extra={"event": "warehouse_taken_over"})
         con.execute("CHECKPOINT")
-    except BaseException:
-        con.close()
-        remove_db_files(tmp)
-        raise
-    con.close()
-    os.replace(tmp, work)
 
 
 def publish(con, wh: WarehouseSettings) -> float:
