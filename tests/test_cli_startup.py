@@ -49,13 +49,13 @@ import pytest
 from runs_etl.cli import run
 sys.argv = ["runs-etl", "sync", "-q"]
 code = run()
-print(code, sorted({m.split(".")[0] for m in sys.modules} & {"pandas", "rich", "deltalake"}),
-      "httpx._main" in sys.modules)
+unused = {"pandas", "numpy", "rich", "deltalake"}
+print(code, sorted({m.split(".")[0] for m in sys.modules} & unused), "httpx._main" in sys.modules)
 """
 
 
 def test_a_sync_under_cron_loads_no_library_it_does_not_use(make_sim, sim_env):
-    """pandas (pulled in by pyarrow when installed, as it is here), httpx's own command line,
+    """pandas and numpy (pulled in by pyarrow when installed, as here), httpx's own command line,
     rich without a terminal and deltalake without a lake cost every cron run time and memory."""
     sim = make_sim(300)
     out = subprocess.run([sys.executable, "-c", _SYNC_PROBE], capture_output=True, text=True,
