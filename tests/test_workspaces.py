@@ -86,6 +86,25 @@ def test_workspace_errors_name_the_workspace_and_come_all_at_once(tmp_path):
     assert any("workspace 'qa'" in p and "api_url" in p for p in problems)
 
 
+def test_a_workspace_key_file_problem_names_the_workspace_and_the_file(tmp_path):
+    """Read as ``[api] key_file`` is: unreadable, empty and non-header keys, never quoted."""
+    files = {"gone": tmp_path / "absent.key", "blank": tmp_path / "blank.key",
+             "bad": tmp_path / "bad.key"}
+    files["blank"].write_text(" \n", encoding="utf-8")
+    files["bad"].write_text("sk-secret\x00x", encoding="utf-8")
+    config = tmp_path / "c.toml"
+    config.write_text("".join(f'[[workspaces]]\nname = "{n}"\nkey_file = "{f}"\n'
+                              for n, f in files.items()), encoding="utf-8")
+    with pytest.raises(ConfigError) as e:
+        load_settings(config, {})
+    gone, blank, bad = e.value.problems
+    assert gone.startswith("workspace 'gone': key_file") and "absent.key" in gone
+    assert gone.endswith("No such file or directory")
+    assert blank.startswith("workspace 'blank': key_file") and "blank.key is empty" in blank
+    assert bad.startswith("workspace 'bad': ") and "HTTP header" in bad
+    assert "sk-secret" not in str(e.value)
+
+
 def test_two_workspaces_with_one_name_are_refused(tmp_path):
     config = tmp_path / "c.toml"
     config.write_text('[[workspaces]]\nname = "a"\nkey_env = "K"\n'

@@ -490,12 +490,9 @@ def _resolve_workspaces(settings: Settings, env: Mapping[str, str],
                 problems.append(f"{where}: key_env {ws.key_env} is not set in the environment")
         elif ws.key_file is not None:
             try:
-                key = ws.key_file.read_text(encoding="utf-8").strip() or None
-            except OSError as e:
-                problems.append(f"{where}: cannot read key_file {ws.key_file}: {e.strerror}")
-            else:
-                if key is None:
-                    problems.append(f"{where}: key_file {ws.key_file} is empty")
+                key = _read_key_file(ws.key_file, f"{where}: key_file")
+            except ConfigError as e:
+                problems += e.problems
         try:
             api = ApiSettings.model_validate({**settings.api.model_dump(),
                                               "url": ws.api_url or settings.api.url,
@@ -520,14 +517,21 @@ def _resolve_key_file(settings: Settings) -> Settings:
     api = settings.api
     if (api.key is not None and api.key.get_secret_value()) or api.key_file is None:
         return settings
+    key = _read_key_file(api.key_file, "api.key_file")
+    return settings.model_copy(update={"api": api.model_copy(update={"key": SecretStr(key)})})
+
+
+def _read_key_file(path: Path, setting: str) -> str:
+    """The key in ``path``, stripped; one unreadable, empty or not a header value is ConfigError
+    naming ``setting``, so ``[api]`` and each ``[[workspaces]]`` entry report it alike."""
     try:
-        key = api.key_file.read_text(encoding="utf-8").strip()
+        key = path.read_text(encoding="utf-8").strip()
     except OSError as e:
-        raise ConfigError([f"api.key_file: cannot read {api.key_file}: {e.strerror}"]) from None
+        raise ConfigError([f"{setting}: cannot read {path}: {e.strerror}"]) from None
     if not key:
-        raise ConfigError([f"api.key_file: {api.key_file} is empty"])
+        raise ConfigError([f"{setting}: {path} is empty"])
     try:
         ApiSettings._key_is_a_header_value(key)
     except ValueError as e:
-        raise ConfigError([f"api.key_file: {api.key_file}: {e}"]) from None
-    return settings.model_copy(update={"api": api.model_copy(update={"key": SecretStr(key)})})
+        raise ConfigError([f"{setting}: {path}: {e}"]) from None
+    return key
