@@ -432,3 +432,8 @@ def test_each_problem_names_where_its_value_came_from(tmp_path):
 def test_max_duration_must_be_positive(tmp_path):
     err = load_error(write(tmp_path, '[sync]\nmax_duration = "0s"\n'), {})
     assert err.problems[0].startswith("sync.max_duration")
+
+
+def test_raw_page_retention_must_be_positive_when_set(tmp_path):
+    err = load_error(write(tmp_path, '[retention]\nraw_pages = "0s"\n'), {})
+    assert err.problems[0].startswith("retention.raw_pages: must be positive")

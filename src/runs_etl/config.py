@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -118,6 +119,16 @@ def parse_duration(value: Any) -> timedelta | None:
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
 
 
+def _positive(value: timedelta) -> timedelta:
+    if value <= timedelta(0):
+        raise ValueError(f"must be positive, got {value}")
+    return value
+
+
+# A limit or a retention period: zero or less would mean "fail at once" or "keep nothing".
+PositiveDuration = Annotated[Duration, AfterValidator(_positive)]
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -201,15 +212,8 @@ class SyncSettings(_Section):
     max_requests_in_flight: int = Field(
         DEFAULT_MAX_IN_FLIGHT, ge=1, le=256,
         description="requests in flight across all workspaces (each keeps api.concurrency)")
-    max_duration: Duration = Field(DEFAULT_MAX_DURATION,
-                                   description="a sync still walking after this fails cleanly")
-
-    @field_validator("max_duration")
-    @classmethod
-    def _positive(cls, value: timedelta) -> timedelta:
-        if value <= timedelta(0):
-            raise ValueError(f"must be positive, got {value}")
-        return value
+    max_duration: PositiveDuration = Field(
+        DEFAULT_MAX_DURATION, description="a sync still walking after this fails cleanly")
 
 
 class ExportSettings(_Section):
@@ -221,15 +225,8 @@ class AnalyticsSettings(_Section):
 
 
 class RetentionSettings(_Section):
-    raw_pages: Duration | None = Field(
+    raw_pages: PositiveDuration | None = Field(
         None, description="keep every fetched body this long, for `runs-etl replay`; unset = off")
-
-    @field_validator("raw_pages")
-    @classmethod
-    def _positive(cls, value: timedelta | None) -> timedelta | None:
-        if value is not None and value <= timedelta(0):
-            raise ValueError(f"must be positive, got {value}")
-        return value
 
 
 class ScheduleSettings(_Section):
