@@ -177,6 +177,15 @@ def _pct(x: float | None) -> str:
     return "–" if x is None else f"{x:.1%}"
 
 
+def _failure_rate(totals: dict) -> str:
+    """Failed among finished runs; ``–`` while none has finished."""
+    return _pct(totals["failed"] / totals["finished"] if totals["finished"] else None)
+
+
+def _ago(seconds: float | None) -> str:
+    return "never" if seconds is None else f"{human_age(seconds)} ago"
+
+
 def _ts(t: datetime | None) -> str:
     return "–" if t is None else t.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
 
@@ -220,9 +229,9 @@ def _head(d: ReportData, source: str, css: str = "") -> list[str]:
 def _dashboard(d: ReportData) -> list[str]:
     """Cards, charts and tables of one ``ReportData``: the page of one workspace."""
     t, h, fresh = d.totals, d.health, d.health["freshness_seconds"]
-    ago = "never" if fresh is None else f"{human_age(fresh)} ago"
+    ago = _ago(fresh)
     cards = [("live runs", t["runs"], False), ("open runs", t["open"], False),
-             ("failure rate", _pct(t["failed"] / t["finished"] if t["finished"] else None), False),
+             ("failure rate", _failure_rate(t), False),
              (f"stuck (open > {duration(d.stuck_after)})", d.stuck_count, d.stuck_count > 0),
              ("last successful sync", ago, fresh is None or h["failures_since_success"] > 0)]
     slow = sorted((w for w in d.workflows if w["p95_seconds"] is not None),
@@ -295,11 +304,8 @@ def _overview(everything: ReportData, per: dict[str, ReportData]) -> str:
     """The workspaces side by side, each linking to its section."""
     def row(anchor: str, label: str, d: ReportData) -> str:
         t, h = d.totals, d.health
-        fresh = h["freshness_seconds"]
-        cells = [t["runs"], t["open"], _pct(t["failed"] / t["finished"] if t["finished"]
-                                            else None), d.stuck_count,
-                 "never" if fresh is None else f"{human_age(fresh)} ago",
-                 h["failures_since_success"]]
+        cells = [t["runs"], t["open"], _failure_rate(t), d.stuck_count,
+                 _ago(h["freshness_seconds"]), h["failures_since_success"]]
         return (f'<tr><td><a href="#{anchor}">{_e(label)}</a></td>'
                 + "".join(f"<td class=n>{_e(c)}</td>" for c in cells) + "</tr>")
     head = "".join(f"<th{' class=n' if i else ''}>{h}</th>" for i, h in enumerate(
@@ -315,9 +321,8 @@ def render_workspaces(everything: ReportData, per: dict[str, ReportData],
                       source: str = "") -> str:
     """The page of several workspaces: an overview table, all of them together, then one
     section per workspace with the charts and tables of a single-workspace report."""
-    for w in everything.workflows:  # the same workflow id in two workspaces is two rows
-        w["workflow_name"] = f"{w['workspace']} / {workflow_label(w)}"
-    for w in everything.status_time:
+    # The same workflow id in two workspaces is two rows.
+    for w in everything.workflows + everything.status_time:
         w["workflow_name"] = f"{w['workspace']} / {workflow_label(w)}"
     for r in everything.stuck:
         r["run_id"] = f"{r['workspace']} / {r['run_id']}"
