@@ -314,6 +314,14 @@ def test_empty_key_file_is_an_error(tmp_path):
     assert "empty" in str(err) and str(key_file) in str(err)
 
 
+def test_binary_key_file_is_a_config_error_that_does_not_echo_it(tmp_path):
+    key_file = tmp_path / "keystore.p12"
+    key_file.write_bytes(b"\x30\x82\xff\xfe secret-bytes")
+    err = load_error(None, {"RUNS_ETL_API_KEY_FILE": str(key_file)}, cwd=tmp_path)
+    assert "not UTF-8" in str(err) and str(key_file) in str(err)
+    assert "secret-bytes" not in str(err)
+
+
 def test_missing_key_file_is_an_error(tmp_path):
     err = load_error(None, {"RUNS_ETL_API_KEY_FILE": str(tmp_path / "absent")}, cwd=tmp_path)
     assert "api.key_file" in str(err) and "absent" in str(err)

@@ -525,6 +525,8 @@ def _read_key_file(path: Path, setting: str) -> str:
         key = path.read_text(encoding="utf-8").strip()
     except OSError as e:
         raise ConfigError([f"{setting}: cannot read {path}: {e.strerror}"]) from None
+    except UnicodeDecodeError:  # a binary file (a keystore, a wrong path): never echo it
+        raise ConfigError([f"{setting}: {path} is not UTF-8 text"]) from None
     if not key:
         raise ConfigError([f"{setting}: {path} is empty"])
     try:
