@@ -437,13 +437,15 @@ def vacuum_lake(settings: Settings, *, dry_run: bool = False) -> dict[str, int]:
     return out
 
 
-def lake_status(settings: Settings) -> dict | None:
+def lake_status(settings: Settings, con=None) -> dict | None:
     """Where the lake stands (None when no lake is configured): table versions, the sync it
     last applied (``sync_runs``' commit metadata) and how many successful warehouse syncs it is
-    behind. Reads the published snapshot; LakeError when the lake cannot be read."""
+    behind. Reads ``con``, or the published snapshot opened here; LakeError when the lake
+    cannot be read."""
     if settings.lake.uri is None:
         return None
-    con = open_read_only(settings.warehouse)
+    owned = con is None
+    con = open_read_only(settings.warehouse) if owned else con
     try:
         last_success = con.execute("SELECT max(sync_id) FROM sync_runs "
                                    "WHERE outcome = 'success'").fetchall()[0][0]
@@ -455,7 +457,8 @@ def lake_status(settings: Settings) -> dict | None:
         (lag,) = con.execute("SELECT count(*) FROM sync_runs WHERE outcome = 'success' "
                              "AND sync_id > ?", [applied or 0]).fetchall()[0]
     finally:
-        con.close()
+        if owned:
+            con.close()
     return {"uri": redact_url(_root(settings)), "version": versions["runs"],
             "versions": versions, "last_applied_sync_id": applied,
             "warehouse_last_success": last_success, "lag_syncs": lag}

@@ -127,9 +127,9 @@ def collect_status(settings: Settings, limit: int = DEFAULT_LIMIT,
         rows = con.execute(f"SELECT {', '.join(SYNC_COLUMNS)} FROM sync_runs "
                            "ORDER BY sync_id DESC LIMIT ?", [max(limit, 0)]).fetchall()
         status["last_syncs"] = [dict(zip(SYNC_COLUMNS, r)) for r in rows]
+        status["lake"] = _lake(settings, con)  # its lag counted in the same snapshot
     finally:
         con.close()
-    status["lake"] = _lake(settings)
     return status
 
 
@@ -183,7 +183,7 @@ def status_json(status: dict[str, Any]) -> str:
     return json.dumps(status, default=default, ensure_ascii=False)
 
 
-def _lake(settings: Settings) -> dict[str, Any] | None:
+def _lake(settings: Settings, con) -> dict[str, Any] | None:
     """The lake's version and lag, when one is configured; an unreadable lake is news, not a
     reason for status to fail."""
     if settings.lake.uri is None:
@@ -191,7 +191,7 @@ def _lake(settings: Settings) -> dict[str, Any] | None:
     from .lake import lake_status  # deltalake loads only when a lake is configured
 
     try:
-        return lake_status(settings)
+        return lake_status(settings, con)
     except RunsEtlError as e:
         return {"error": one_line(str(e), 300)}
 
