@@ -3,6 +3,7 @@ libraries (cron and shells pay start-up on every call; see README "Performance")
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -62,3 +63,48 @@ def test_a_sync_under_cron_loads_no_library_it_does_not_use(make_sim, sim_env):
                          env=sim_env(sim), timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["0", "[]", "False"]
+
+
+def _buffered(env: dict[str, str]) -> dict[str, str]:
+    """Output buffered as under cron (this machine's PYTHONUNBUFFERED would hide a lost
+    buffer)."""
+    return {k: v for k, v in env.items() if k != "PYTHONUNBUFFERED"}
+
+
+def test_the_command_leaves_fast_with_its_output_flushed_and_its_exit_code(make_sim, sim_env,
+                                                                          tmp_path):
+    """`runs-etl` ends with os._exit (no interpreter teardown): the summary line, the JSON on
+    stdout, the committed warehouse and a failure's exit code must all survive it."""
+    sim = make_sim(300)
+    env = _buffered(sim_env(sim))
+    sync = subprocess.run([sys.executable, "-m", "runs_etl", "sync", "--log-format", "json"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert sync.returncode == 0, sync.stderr
+    events = [json.loads(line) for line in sync.stderr.splitlines() if line.startswith("{")]
+    assert [e["event"] for e in events if e.get("event") == "sync_finished"] == ["sync_finished"]
+    status = subprocess.run([sys.executable, "-m", "runs_etl", "status", "--json"],
+                            capture_output=True, text=True, env=env, timeout=60)
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["rows"]["runs_live"] == 300  # every byte of it, parseable
+    broken = subprocess.run([sys.executable, "-m", "runs_etl", "status", "--duckdb-path",
+                             str(tmp_path / "absent.duckdb")],
+                            capture_output=True, text=True, env=env, timeout=60)
+    assert broken.returncode != 0
+    assert broken.stderr.startswith("Error: ") and len(broken.stderr.splitlines()) == 1
+
+
+def test_a_reader_that_stops_early_gets_no_traceback(make_sim, sim_env):
+    """`runs-etl status | head -1`: the rest of the output has nowhere to go; that is not an
+    error worth a traceback, and the fast exit must not turn it into one."""
+    sim = make_sim(300)
+    env = _buffered(sim_env(sim))
+    subprocess.run([sys.executable, "-m", "runs_etl", "sync", "-q"], env=env, check=True,
+                   timeout=120)
+    proc = subprocess.Popen([sys.executable, "-m", "runs_etl", "status"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline().startswith("Warehouse ")
+    proc.stdout.close()
+    err = proc.stderr.read()
+    proc.wait(60)
+    assert "Traceback" not in err and "Exception ignored" not in err, err

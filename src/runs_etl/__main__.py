@@ -1,6 +1,4 @@
-import sys
-
-from .cli import run
+from .cli import console
 
 if __name__ == "__main__":  # importing this module (tooling) must not run the CLI
-    sys.exit(run())
+    console()

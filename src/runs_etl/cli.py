@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from datetime import UTC, date, datetime, time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from . import __version__
 from .errors import EXIT_INTERRUPTED, EXIT_OK, ConfigError, RunsEtlError, one_line
@@ -294,6 +294,23 @@ def run() -> int:
     if _Unused not in sys.meta_path:  # a module already imported stays as it is
         sys.meta_path.insert(0, _Unused)  # type: ignore[arg-type]
     return main()
+
+
+def console() -> NoReturn:
+    """The ``runs-etl`` command (and ``python -m runs_etl``): ``run``, then leave without the
+    interpreter's teardown. By the time ``main`` returns, every file is closed, every
+    transaction committed or rolled back and every worker thread joined; what is left is the
+    finalizers of pyarrow, DuckDB and the other extension modules, which cost 0.12-0.16 s of
+    every run (measured: as long as an incremental sync's merge). Output is flushed first, as
+    Python's own exit would. A bug's traceback (an exception out of ``main``) exits normally."""
+    code = run()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a reader that went away (`| head`), a closed stream
+            pass
+    os._exit(code)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
