@@ -29,19 +29,28 @@ WHERE previous_from IS NOT NULL AND from_status IS DISTINCT FROM status;
 -- version) and by valid_from; it was left after _last_seen_at and by valid_to. So the time in
 -- it is at least _last_seen_at - valid_from and at most valid_to - entry. `ongoing`: the run is
 -- still in that status (no upper bound yet: upper_seconds is NULL).
+-- (Grouped on the history's own keys, joined to runs for workflow_id after: one join carrying
+-- the workflow id into a 1M-group aggregate ran out of a 128MB memory_limit.)
 CREATE OR REPLACE VIEW time_in_status AS
-SELECT
-    h.workspace, h.run_id, r.workflow_id, h.status,
-    count(*) AS versions,
-    sum(epoch(h._last_seen_at - h.valid_from)) AS lower_seconds,
-    CASE WHEN NOT bool_or(h.valid_to IS NULL) THEN
+WITH per_status AS (
+    SELECT
+        h.workspace, h.run_id, h.status,
+        count(*) AS versions,
+        sum(epoch(h._last_seen_at - h.valid_from)) AS lower_seconds,
         sum(greatest(epoch(h.valid_to - coalesce(h.observed_after, r.created_at)), 0))
-    END AS upper_seconds,
-    bool_or(h.valid_to IS NULL) AS ongoing
-FROM run_history AS h
-JOIN runs AS r ON r.workspace = h.workspace AND r.id = h.run_id
-WHERE r._deleted_at IS NULL
-GROUP BY h.workspace, h.run_id, r.workflow_id, h.status;
+            AS upper_sum,
+        bool_or(h.valid_to IS NULL) AS ongoing
+    FROM run_history AS h
+    JOIN (SELECT workspace, id, created_at FROM runs WHERE _deleted_at IS NULL) AS r
+        ON r.workspace = h.workspace AND r.id = h.run_id
+    GROUP BY h.workspace, h.run_id, h.status
+)
+SELECT
+    p.workspace, p.run_id, r.workflow_id, p.status, p.versions, p.lower_seconds,
+    CASE WHEN NOT p.ongoing THEN p.upper_sum END AS upper_seconds,
+    p.ongoing
+FROM per_status AS p
+JOIN runs AS r ON r.workspace = p.workspace AND r.id = p.run_id;
 
 -- queue_time_daily: per workspace, workflow and UTC creation day, how long runs waited from
 -- creation before leaving `queued` (for running, or any other status), as bounds in seconds:
