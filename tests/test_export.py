@@ -234,6 +234,26 @@ def test_a_reader_that_resolved_current_before_a_switch_reads_all_its_files_one_
     assert len(read_runs_ids(root / "current")) == N_RUNS - 10
 
 
+def test_a_failed_export_names_the_table_it_was_writing(synced):
+    """An export that fails on one table (here a view that errors when read; at scale, a view
+    that outgrows memory_limit) says which, so the fix can target it; nothing is published."""
+    _, settings = synced
+    root = root_of(settings)
+    good = export_parquet(settings)
+    con = warehouse.connect(Path(settings.warehouse.duckdb_path).with_name("copy.duckdb"))
+    con.execute(f"ATTACH '{settings.warehouse.duckdb_path}' AS src (READ_ONLY)")
+    con.execute("COPY FROM DATABASE src TO copy")
+    con.execute("DETACH src")
+    con.execute("CREATE OR REPLACE VIEW status_daily AS SELECT error('boom') AS x")
+    with pytest.raises(WarehouseError) as info:
+        export_parquet(settings, con=con)
+    con.close()
+    assert str(info.value).startswith("Parquet export failed writing status_daily: ")
+    assert "boom" in str(info.value)
+    assert current_version(root) == good.path.resolve()
+    assert not list(root.glob(".staging-*"))
+
+
 def test_a_failed_export_leaves_the_current_version_alone(synced, tmp_path):
     _, settings = synced
     root = root_of(settings)

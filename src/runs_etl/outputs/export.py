@@ -162,8 +162,10 @@ def _export_locked(con, root: Path) -> ExportResult:
                                         encoding="utf-8")
         (root / VERSIONS).mkdir(exist_ok=True)
         os.rename(staging, result.path)
-    except duckdb.Error as e:
+    except (duckdb.Error, WarehouseError) as e:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(e, WarehouseError):
+            raise
         raise WarehouseError(f"Parquet export failed: {first_line(e)}") from None
     except OSError as e:
         shutil.rmtree(staging, ignore_errors=True)
@@ -214,7 +216,13 @@ def _write_tables(con, staging: Path, version: str, result: ExportResult) -> dic
                           f"FILENAME_PATTERN 'part-{version}-{{i}}')")
             else:
                 target = f"{sql_string(str(folder / f'part-{version}.parquet'))} ({opts})"
-            (rows,) = cur.execute(f"COPY ({query}) TO {target}").fetchall()[0]
+            try:
+                (rows,) = cur.execute(f"COPY ({query}) TO {target}").fetchall()[0]
+            except duckdb.Error as e:  # name the table: the fix may be for that one alone
+                hint = ("; raise warehouse.memory_limit"
+                        if isinstance(e, duckdb.OutOfMemoryException) else "")
+                raise WarehouseError(f"Parquet export failed writing {name}: {first_line(e)}"
+                                     f"{hint}") from None
             if name == "runs" and rows == 0:  # no partition, no file: readers' globs need one
                 empty = folder / f"part-{version}-empty.parquet"
                 cur.execute(f"COPY ({query} LIMIT 0) TO {sql_string(str(empty))} ({opts})")
