@@ -15,7 +15,7 @@ from pathlib import Path
 
 import duckdb
 
-from ..config import MEMORY_LIMIT, WarehouseSettings
+from ..config import DEFAULT_MEMORY_LIMIT, MEMORY_LIMIT, WarehouseSettings
 from ..errors import ConfigError, LockedError, WarehouseError, first_line
 from .migrations import check_readable
 
@@ -23,7 +23,7 @@ from .migrations import check_readable
 REQUIRED_TABLES = ("runs", "workflows", "run_nodes", "sync_runs")
 
 
-def connect(path: Path, *, memory_limit: str = "256MB", read_only: bool = False,
+def connect(path: Path, *, memory_limit: str = DEFAULT_MEMORY_LIMIT, read_only: bool = False,
             storage_compatibility: str | None = None):
     """Open (creating its folder) a DuckDB file; one held by another process is LockedError,
     one that is not a readable DuckDB database is WarehouseError. ``storage_compatibility``
