@@ -311,6 +311,7 @@ def main(argv=None) -> int:
                 db = Path(tmp) / f"bench-{i}.duckdb"
                 fulls.append(sync(db))
             report["full_syncs"] = [round(f["seconds"], 2) for f in fulls]
+            report["full_syncs_peak_rss_mb"] = [round(f["peak_rss_mb"]) for f in fulls]
             report["full_sync"] = sorted(fulls, key=lambda f: f["seconds"])[len(fulls) // 2]
             if not args.only_full:
                 n = max(1, int(args.runs * args.change_fraction))
@@ -369,7 +370,8 @@ def main(argv=None) -> int:
               f"{report['lake_share_of_full_without_lake']:.1%}")
     if "full_vs_floor_wall" in report:
         print(f"full sync / floor (wall): {report['full_vs_floor_wall']:.2f}x "
-              f"(median of {report['full_syncs']} s); / httpcore floor: "
+              f"(median of {report['full_syncs']} s; peak RSS "
+              f"{report['full_syncs_peak_rss_mb']} MB); / httpcore floor: "
               f"{report['full_vs_httpcore_floor_wall']:.2f}x; CPU: "
               f"{report['full_vs_floor_cpu']:.2f}x the floor's")
     if "incremental_time_share_wall" in report:
