@@ -29,28 +29,54 @@ WHERE previous_from IS NOT NULL AND from_status IS DISTINCT FROM status;
 -- version) and by valid_from; it was left after _last_seen_at and by valid_to. So the time in
 -- it is at least _last_seen_at - valid_from and at most valid_to - entry. `ongoing`: the run is
 -- still in that status (no upper bound yet: upper_seconds is NULL).
--- (Grouped on the history's own keys, joined to runs for workflow_id after: one join carrying
--- the workflow id into a 1M-group aggregate ran out of a 128MB memory_limit.)
+-- (Aggregated from run_history alone, then joined to runs once per run and status: a join
+-- feeding a 1M-group aggregate ran out of a 128MB memory_limit at 1M runs. A version entered
+-- with no earlier sighting (observed_after NULL: a run's first, or one after it came back from
+-- a delete at the source) is bounded by created_at: from its exit time when it is the only one
+-- of its run and status, version by version for the rare pairs with more.)
 CREATE OR REPLACE VIEW time_in_status AS
 WITH per_status AS (
     SELECT
-        h.workspace, h.run_id, h.status,
+        workspace, run_id, status,
         count(*) AS versions,
-        sum(epoch(h._last_seen_at - h.valid_from)) AS lower_seconds,
-        sum(greatest(epoch(h.valid_to - coalesce(h.observed_after, r.created_at)), 0))
-            AS upper_sum,
-        bool_or(h.valid_to IS NULL) AS ongoing
+        sum(epoch(_last_seen_at - valid_from)) AS lower_seconds,
+        bool_or(valid_to IS NULL) AS ongoing,
+        sum(greatest(epoch(valid_to - observed_after), 0))
+            FILTER (WHERE observed_after IS NOT NULL) AS upper_observed,
+        count(*) FILTER (WHERE observed_after IS NULL) AS entered_unseen,
+        max(valid_to) FILTER (WHERE observed_after IS NULL) AS unseen_exit
+    FROM run_history
+    GROUP BY workspace, run_id, status
+),
+unseen_pairs AS (
+    SELECT workspace, run_id, status
+    FROM run_history WHERE observed_after IS NULL
+    GROUP BY workspace, run_id, status HAVING count(*) > 1
+),
+unseen_upper AS (
+    SELECT h.workspace, h.run_id, h.status,
+           sum(greatest(epoch(h.valid_to - r.created_at), 0)) AS upper_unseen
     FROM run_history AS h
-    JOIN (SELECT workspace, id, created_at FROM runs WHERE _deleted_at IS NULL) AS r
-        ON r.workspace = h.workspace AND r.id = h.run_id
+    JOIN unseen_pairs AS u ON u.workspace = h.workspace AND u.run_id = h.run_id
+        AND u.status IS NOT DISTINCT FROM h.status
+    JOIN runs AS r ON r.workspace = h.workspace AND r.id = h.run_id
+    WHERE h.observed_after IS NULL
     GROUP BY h.workspace, h.run_id, h.status
 )
 SELECT
     p.workspace, p.run_id, r.workflow_id, p.status, p.versions, p.lower_seconds,
-    CASE WHEN NOT p.ongoing THEN p.upper_sum END AS upper_seconds,
+    CASE WHEN NOT p.ongoing THEN
+        coalesce(p.upper_observed, 0) + CASE p.entered_unseen
+            WHEN 0 THEN 0
+            WHEN 1 THEN greatest(epoch(p.unseen_exit - r.created_at), 0)
+            ELSE u.upper_unseen END
+    END AS upper_seconds,
     p.ongoing
 FROM per_status AS p
-JOIN runs AS r ON r.workspace = p.workspace AND r.id = p.run_id;
+JOIN runs AS r ON r.workspace = p.workspace AND r.id = p.run_id
+LEFT JOIN unseen_upper AS u ON u.workspace = p.workspace AND u.run_id = p.run_id
+    AND u.status IS NOT DISTINCT FROM p.status
+WHERE r._deleted_at IS NULL;
 
 -- queue_time_daily: per workspace, workflow and UTC creation day, how long runs waited from
 -- creation before leaving `queued` (for running, or any other status), as bounds in seconds:

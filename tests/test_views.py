@@ -285,3 +285,65 @@ def test_run_facts_and_open_runs_use_exactly_the_engines_terminal_statuses(tmp_p
     open_ = {s for (s,) in con.execute("SELECT status FROM open_runs").fetchall()}
     assert open_ == set(statuses) - TERMINAL_STATUSES
     con.close()
+
+
+def test_time_in_status_bounds_each_kind_of_version_as_by_hand(tmp_path):
+    """Every way a version is entered and left, in two workspaces sharing a run id: first seen
+    (bounded by created_at), seen before (bounded by observed_after), back from a delete at the
+    source twice in one status (each bounded by created_at, one of them left "before" it was
+    created by the API's clock: 0, not negative), a NULL status, still ongoing, and a run
+    deleted at the source (not shown)."""
+    con = warehouse.connect(tmp_path / "runs.duckdb")
+    warehouse.migrate(con)
+    t0 = datetime(2026, 3, 1, tzinfo=UTC)
+
+    def at(minutes: float) -> datetime:
+        return t0 + timedelta(minutes=minutes)
+
+    runs = {  # (workspace, id): (workflow_id, created_at minute, deleted)
+        ("a", "r1"): ("wf1", 0, False), ("b", "r1"): ("wf2", 5, False),
+        ("a", "r2"): ("wf1", 20, False), ("a", "r3"): (None, 0, False),
+        ("a", "gone"): ("wf1", 0, True),
+    }
+    for (ws, rid), (wf, created, deleted) in runs.items():
+        con.execute("INSERT INTO runs (workspace, id, workflow_id, status, created_at, "
+                    "_first_seen_at, _synced_at, _deleted_at) VALUES (?, ?, ?, 'x', ?, ?, ?, ?)",
+                    [ws, rid, wf, at(created), at(0), at(0), at(99) if deleted else None])
+    # (workspace, run, status, valid_from, valid_to, observed_after, last_seen), minutes
+    history = [
+        ("a", "r1", "queued", 10, 30, None, 10),      # entered unseen: after created_at (0)
+        ("a", "r1", "running", 30, 60, 10, 45),       # entered after 10 (last seen queued)
+        ("a", "r1", "completed", 60, None, 45, 90),   # ongoing
+        ("b", "r1", "queued", 10, 40, None, 25),      # same id, other workspace: created 5
+        ("b", "r1", "completed", 40, 70, 25, 40),
+        ("a", "r2", "completed", 15, 18, None, 15),   # left at 18, "created" at 20: 0
+        ("a", "r2", "completed", 50, 80, None, 60),   # back from a delete: 80 - 20
+        ("a", "r3", None, 10, 20, None, 10),          # no status: still a row
+        ("a", "r3", None, 30, 45, None, 30),
+        ("a", "gone", "queued", 10, 20, None, 10),    # deleted at the source: not shown
+    ]
+    for ws, rid, status, start, end, after, seen in history:
+        con.execute("INSERT INTO run_history (workspace, run_id, valid_from, valid_to, status, "
+                    "observed_after, _last_seen_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [ws, rid, at(start), None if end is None else at(end), status,
+                     None if after is None else at(after), at(seen)])
+    warehouse.apply_views(con)
+    got = {(r["workspace"], r["run_id"], r["status"]): r for r in rows(
+        con, "SELECT * FROM time_in_status")}
+    con.close()
+    m = 60.0
+    expected = {  # (workflow_id, versions, lower, upper, ongoing)
+        ("a", "r1", "queued"): ("wf1", 1, 0 * m, 30 * m, False),
+        ("a", "r1", "running"): ("wf1", 1, 15 * m, 50 * m, False),
+        ("a", "r1", "completed"): ("wf1", 1, 30 * m, None, True),
+        ("b", "r1", "queued"): ("wf2", 1, 15 * m, 35 * m, False),
+        ("b", "r1", "completed"): ("wf2", 1, 0 * m, 45 * m, False),
+        ("a", "r2", "completed"): ("wf1", 2, 10 * m, 60 * m, False),
+        ("a", "r3", None): (None, 2, 0 * m, 65 * m, False),
+    }
+    assert set(got) == set(expected)
+    for key, (wf, versions, lower, upper, ongoing) in expected.items():
+        r = got[key]
+        assert (r["workflow_id"], r["versions"], r["ongoing"]) == (wf, versions, ongoing), key
+        assert r["lower_seconds"] == pytest.approx(lower), key
+        assert r["upper_seconds"] == (None if upper is None else pytest.approx(upper)), key
