@@ -28,7 +28,7 @@ from runs_etl.errors import (
     RetryableApiError,
     one_line,
 )
-from runs_etl.warehouse.connect import connect
+from runs_etl.warehouse.connect import connect, duckdb_threads
 
 GUARD = 60  # seconds: a hang fails the test instead of stalling the suite
 
@@ -153,6 +153,22 @@ def test_connect_refuses_a_memory_limit_that_is_not_a_size(tmp_path):
     con = duckdb.connect(str(db))
     assert con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'pwned'"
                        ).fetchall() == [(0,)]
+
+
+@pytest.mark.parametrize(("limit", "cpus", "threads"), [
+    ("128MB", 8, 2), ("256MB", 32, 4), ("256MB", 2, 2), ("100MB", 8, 1), ("1.5GiB", 8, 8),
+    ("0.5 GB", 64, 7), ("512KB", 4, 1)])
+def test_duckdb_gets_a_thread_per_64mb_of_memory_limit_and_no_more_than_the_cpus(limit, cpus,
+                                                                                  threads):
+    """DuckDB's default (a thread per CPU) ran the 1M-run export out of 128MB with 4 or 8
+    threads: on a bigger machine the default memory_limit would fail where it passes here."""
+    assert duckdb_threads(limit, cpus) == threads
+
+
+def test_a_warehouse_connection_is_sized_by_its_memory_limit(tmp_path):
+    con = connect(tmp_path / "w.duckdb", memory_limit="64MB")
+    assert con.execute("SELECT current_setting('threads')").fetchall() == [(1,)]
+    con.close()
 
 
 # --- 6. TLS settings ------------------------------------------------------------------------------

@@ -70,7 +70,7 @@ ENV_VARS: dict[str, tuple[str, str]] = {
 }
 
 # What DuckDB's memory_limit accepts, strictly: the value is formatted into a SET statement.
-MEMORY_LIMIT = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$", re.IGNORECASE)
+MEMORY_LIMIT = re.compile(r"^(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$", re.IGNORECASE)
 _USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")
 
 
