@@ -108,3 +108,19 @@ def test_a_reader_that_stops_early_gets_no_traceback(make_sim, sim_env):
     err = proc.stderr.read()
     proc.wait(60)
     assert "Traceback" not in err and "Exception ignored" not in err, err
+
+
+def test_output_to_a_full_disk_is_one_error_line_and_a_failure(make_sim, sim_env):
+    """`runs-etl status > file` on a full disk (/dev/full): the output is lost, which must not
+    look like success, and says so once, buffered (cron) or not."""
+    sim = make_sim(300)
+    env = sim_env(sim)
+    subprocess.run([sys.executable, "-m", "runs_etl", "sync", "-q"], env=env, check=True,
+                   timeout=120)
+    for run_env in (env, _buffered(env)):
+        for args in (["status", "--json"], ["status"]):
+            with open("/dev/full", "w") as full:
+                out = subprocess.run([sys.executable, "-m", "runs_etl", *args], env=run_env,
+                                     stdout=full, stderr=subprocess.PIPE, text=True, timeout=60)
+            assert out.returncode == 1, (args, out.stderr)
+            assert out.stderr == "Error: cannot write the output: No space left on device\n"

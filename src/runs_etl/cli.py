@@ -8,6 +8,8 @@ keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import logging
 import os
 import sys
@@ -17,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from . import __version__
-from .errors import EXIT_INTERRUPTED, EXIT_OK, ConfigError, RunsEtlError, one_line
+from .errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, ConfigError, RunsEtlError, one_line
 from .ops.logs import log_failure, setup_logging
 from .ops.signals import signals_interrupt, was_interrupted
 
@@ -308,9 +310,28 @@ def console() -> NoReturn:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except (OSError, ValueError):  # a reader that went away (`| head`), a closed stream
+        except ValueError:  # closed by whoever ran us
             pass
+        except OSError as e:
+            code = _output_failed(e, code)
     os._exit(code)
+
+
+# Errors of writing our own output: a reader that went away, a full disk or quota under
+# `> file`. Anything else raised as OSError past the commands is a bug and keeps its traceback.
+_OUTPUT_ERRNOS = frozenset({errno.EPIPE, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO})
+
+
+def _output_failed(e: OSError, code: int) -> int:
+    """Our output could not be written: a reader that went away (`| head`) needs no word, a
+    full disk does (one Error line, straight to the descriptor). Either way the output is
+    incomplete, so not a success."""
+    if not isinstance(e, BrokenPipeError):
+        with contextlib.suppress(OSError):
+            os.write(2, f"Error: cannot write the output: {e.strerror or e}\n".encode())
+    with contextlib.suppress(OSError, ValueError):  # what is still buffered goes nowhere, once
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return code or EXIT_FAILURE
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -326,6 +347,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _interrupted()
         print(f"Error: {one_line(str(e))}", file=sys.stderr)  # one line, whatever it quotes
         return e.exit_code
+    except OSError as e:
+        if e.errno not in _OUTPUT_ERRNOS:
+            raise
+        return _output_failed(e, EXIT_OK)
     except Exception:
         if was_interrupted():  # DuckDB's "Query interrupted": the signal, not a bug
             return _interrupted()
