@@ -306,10 +306,18 @@ def main(argv=None) -> int:
                 os.environ["RUNS_ETL_BENCH_CONFIG"] = str(config)
             report["uptime_before"] = _load()
             # Each full sync on a fresh warehouse; the median counts (this machine is shared).
-            fulls = []
+            fulls, paired = [], []
             for i in range(args.repeat):
                 db = Path(tmp) / f"bench-{i}.duckdb"
                 fulls.append(sync(db))
+                if "fetch_floor" in report:
+                    # The floor again right after: a ratio of two figures taken a few seconds
+                    # apart, which the machine's drift over minutes does not skew.
+                    floor = _with_cpu(_fetch_floor(sim.url, "sim-key",
+                                                   report["fetch_floor"]["concurrency"], 100))
+                    paired.append(round(fulls[-1]["seconds"] / floor["seconds"], 2))
+            if paired:
+                report["paired_ratios"] = paired
             report["full_syncs"] = [round(f["seconds"], 2) for f in fulls]
             report["full_syncs_peak_rss_mb"] = [round(f["peak_rss_mb"]) for f in fulls]
             report["full_sync"] = sorted(fulls, key=lambda f: f["seconds"])[len(fulls) // 2]
@@ -374,6 +382,10 @@ def main(argv=None) -> int:
               f"{report['full_syncs_peak_rss_mb']} MB); / httpcore floor: "
               f"{report['full_vs_httpcore_floor_wall']:.2f}x; CPU: "
               f"{report['full_vs_floor_cpu']:.2f}x the floor's")
+    if "paired_ratios" in report:
+        pairs = report["paired_ratios"]
+        print(f"each full sync / the floor run right after it: {pairs} (median "
+              f"{sorted(pairs)[len(pairs) // 2]:.2f}x)")
     if "incremental_time_share_wall" in report:
         print(f"incremental / full (wall): {report['incremental_time_share_wall']:.1%}")
     if "startup" in report:
