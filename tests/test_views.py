@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.resources
 import math
+import random
 from collections import Counter, defaultdict
 from datetime import UTC, date, datetime, timedelta
 
@@ -347,3 +348,62 @@ def test_time_in_status_bounds_each_kind_of_version_as_by_hand(tmp_path):
         assert (r["workflow_id"], r["versions"], r["ongoing"]) == (wf, versions, ongoing), key
         assert r["lower_seconds"] == pytest.approx(lower), key
         assert r["upper_seconds"] == (None if upper is None else pytest.approx(upper)), key
+
+
+# time_in_status as first written: a join feeding the aggregate (it ran out of 128MB at 1M runs).
+# The view must give the same rows; this is the plain reading of its definition.
+_TIME_IN_STATUS_PLAIN = """
+    SELECT h.workspace, h.run_id, r.workflow_id, h.status, count(*) AS versions,
+           sum(epoch(h._last_seen_at - h.valid_from)) AS lower_seconds,
+           CASE WHEN NOT bool_or(h.valid_to IS NULL) THEN sum(greatest(
+               epoch(h.valid_to - coalesce(h.observed_after, r.created_at)), 0)) END
+               AS upper_seconds,
+           bool_or(h.valid_to IS NULL) AS ongoing
+    FROM run_history AS h JOIN runs AS r ON r.workspace = h.workspace AND r.id = h.run_id
+    WHERE r._deleted_at IS NULL
+    GROUP BY h.workspace, h.run_id, r.workflow_id, h.status"""
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_time_in_status_equals_its_plain_definition_on_random_histories(seed):
+    """Two workspaces, up to five versions a run, NULL statuses, observed_after and
+    created_at, runs deleted at the source, history of a run the warehouse lacks."""
+    rng = random.Random(seed)
+    con = warehouse.connect(":memory:")
+    warehouse.migrate(con)
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def minutes(m: int) -> datetime:
+        return t0 + timedelta(minutes=m)
+
+    for ws in ("a", "b"):
+        for i in range(rng.randint(1, 8)):
+            con.execute("INSERT INTO runs (workspace, id, workflow_id, status, created_at, "
+                        "_first_seen_at, _synced_at, _deleted_at) "
+                        "VALUES (?, ?, ?, 'x', ?, ?, ?, ?)",
+                        [ws, f"r{i}", rng.choice([None, "w1", "w2"]),
+                         None if rng.random() < 0.05 else minutes(rng.randint(0, 100)), t0, t0,
+                         t0 if rng.random() < 0.2 else None])
+            t = rng.randint(0, 120)
+            for v in range(rng.randint(1, 5)):
+                start, t = t, t + rng.randint(1, 60)
+                end = None if v == 4 or rng.random() < 0.2 else t
+                con.execute("INSERT INTO run_history (workspace, run_id, valid_from, valid_to, "
+                            "status, observed_after, _last_seen_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                            [ws, f"r{i}", minutes(start), None if end is None else minutes(end),
+                             rng.choice(["queued", "running", "completed", None]),
+                             None if rng.random() < 0.4 else minutes(start - rng.randint(0, 30)),
+                             minutes(start + rng.randint(0, 20))])
+                if end is None:
+                    break
+        con.execute("INSERT INTO run_history (workspace, run_id, valid_from, status, "
+                    "_last_seen_at) VALUES (?, 'not-in-runs', ?, 'queued', ?)", [ws, t0, t0])
+    warehouse.apply_views(con)
+    view = con.execute("SELECT * FROM time_in_status ORDER BY ALL").fetchall()
+    plain = con.execute(f"SELECT * FROM ({_TIME_IN_STATUS_PLAIN}) ORDER BY ALL").fetchall()
+    con.close()
+    assert len(view) == len(plain)
+    for got, want in zip(view, plain):
+        assert got[:5] == want[:5] and got[7] == want[7]
+        assert got[5] == pytest.approx(want[5])
+        assert got[6] == (None if want[6] is None else pytest.approx(want[6]))
