@@ -144,12 +144,6 @@ def _merge_workflows(con, workspace: str, sync_id: int, at: datetime | None) -> 
                        "FROM wf_changes").fetchall()[0]
 
 
-def sync_started_at(con, sync_id: int) -> datetime:
-    """When sync ``sync_id`` started (its ledger row): the time of everything it observed."""
-    return con.execute("SELECT started_at FROM sync_runs WHERE sync_id = ?",
-                       [sync_id]).fetchall()[0][0]
-
-
 def record_history(con, workspace: str, sync_id: int, valid_from: datetime) -> int:
     """Version the runs this sync saw in ``run_history``, after ``merge`` (whose
     ``run_changes`` it reads) and ``mark_deleted`` in the same transaction; returns the

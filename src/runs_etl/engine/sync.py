@@ -200,11 +200,12 @@ def _open_job(settings: Settings, con, name: str, full_refresh: bool, t_start: f
     ws_settings = settings.for_workspace(name)
     cur = con.cursor()
     plan = plan_sync(cur, ws_settings, full_refresh=full_refresh, workspace=name)
+    # The time of everything this sync observes, as its ledger row records it.
+    started_at = datetime.now(UTC)
     # The URL may carry credentials (https://user:pass@host): the ledger keeps it without them.
-    sync_id = ledger.open_attempt(cur, name, redact_url(ws_settings.api.url))
+    sync_id = ledger.open_attempt(cur, name, redact_url(ws_settings.api.url), started_at)
     result = SyncResult(sync_id=sync_id, mode=plan.mode, mode_reason=plan.reason)
-    return _Job(name, ws_settings, cur, plan, result, t_start,
-                load.sync_started_at(cur, sync_id))
+    return _Job(name, ws_settings, cur, plan, result, t_start, started_at)
 
 
 def _load(job: _Job, allow_mass_delete: bool) -> None:

@@ -70,12 +70,14 @@ def mark_abandoned(con) -> int:
     return n
 
 
-def open_attempt(con, workspace: str, api_url: str) -> int:
-    """Insert and commit a ``running`` row for one workspace; returns its sync_id."""
+def open_attempt(con, workspace: str, api_url: str,
+                 started_at: datetime | None = None) -> int:
+    """Insert and commit a ``running`` row for one workspace, started at ``started_at`` (now
+    by default); returns its sync_id."""
     (sync_id,) = con.execute("SELECT coalesce(max(sync_id), 0) + 1 FROM sync_runs").fetchall()[0]
     con.execute("INSERT INTO sync_runs (sync_id, workspace, started_at, outcome, api_url) "
                 "VALUES (?, ?, ?, 'running', ?)",
-                [sync_id, workspace, datetime.now(UTC), api_url])
+                [sync_id, workspace, started_at or datetime.now(UTC), api_url])
     return sync_id
 
 
