@@ -162,10 +162,11 @@ def _export_locked(con, root: Path) -> ExportResult:
                                         encoding="utf-8")
         (root / VERSIONS).mkdir(exist_ok=True)
         os.rename(staging, result.path)
-    except (duckdb.Error, WarehouseError) as e:
+    except WarehouseError:  # a COPY that failed, already naming its table
         shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(e, WarehouseError):
-            raise
+        raise
+    except duckdb.Error as e:
+        shutil.rmtree(staging, ignore_errors=True)
         raise WarehouseError(f"Parquet export failed: {first_line(e)}") from None
     except OSError as e:
         shutil.rmtree(staging, ignore_errors=True)
