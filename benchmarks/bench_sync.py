@@ -74,26 +74,34 @@ class SimProcess:
         self.proc.join(10)
 
 
+async def _walk_floor(get, concurrency: int) -> dict:
+    """Every page through ``get(page) -> body``, ``concurrency`` at a time, each body parsed
+    with orjson: the floor's walk, whatever the HTTP client."""
+    first = orjson.loads(await get(1))
+    sem = asyncio.Semaphore(concurrency)
+    nbytes = [0]
+
+    async def one(p: int) -> int:
+        async with sem:
+            body = await get(p)
+        nbytes[0] += len(body)
+        return len(orjson.loads(body)["items"])
+
+    counts = await asyncio.gather(*(one(p) for p in range(2, first["pages"] + 1)))
+    return {"runs": len(first["items"]) + sum(counts), "pages": first["pages"],
+            "bytes": nbytes[0], "concurrency": concurrency}
+
+
 async def _fetch_floor(url: str, key: str, concurrency: int, size: int) -> dict:
     t0 = time.perf_counter()
     limits = httpx.Limits(max_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, headers={"X-API-Key": key}, limits=limits,
                                  timeout=60) as http:
-        first = orjson.loads((await http.get("/v1/runs", params={"page": 1, "size": size})).content)
-        pages = first["pages"]
-        sem = asyncio.Semaphore(concurrency)
-        nbytes = [0]
+        async def get(p: int) -> bytes:
+            return (await http.get("/v1/runs", params={"page": p, "size": size})).content
 
-        async def one(p: int) -> int:
-            async with sem:
-                r = await http.get("/v1/runs", params={"page": p, "size": size})
-            nbytes[0] += len(r.content)
-            return len(orjson.loads(r.content)["items"])
-
-        counts = await asyncio.gather(*(one(p) for p in range(2, pages + 1)))
-    runs = len(first["items"]) + sum(counts)
-    return {"seconds": time.perf_counter() - t0, "runs": runs, "pages": pages,
-            "bytes": nbytes[0], "concurrency": concurrency}
+        out = await _walk_floor(get, concurrency)
+    return {"seconds": time.perf_counter() - t0, **out}
 
 
 async def _fetch_floor_core(url: str, key: str, concurrency: int, size: int) -> dict:
@@ -105,22 +113,12 @@ async def _fetch_floor_core(url: str, key: str, concurrency: int, size: int) -> 
     t0 = time.perf_counter()
     headers = {"X-API-Key": key}
     async with httpcore.AsyncConnectionPool(max_connections=concurrency) as pool:
-        def page_url(p: int) -> str:
-            return f"{url}/v1/runs?page={p}&size={size}"
+        async def get(p: int) -> bytes:
+            return (await pool.request("GET", f"{url}/v1/runs?page={p}&size={size}",
+                                       headers=headers)).content
 
-        first = orjson.loads((await pool.request("GET", page_url(1), headers=headers)).content)
-        sem = asyncio.Semaphore(concurrency)
-        nbytes = [0]
-
-        async def one(p: int) -> int:
-            async with sem:
-                r = await pool.request("GET", page_url(p), headers=headers)
-            nbytes[0] += len(r.content)
-            return len(orjson.loads(r.content)["items"])
-
-        counts = await asyncio.gather(*(one(p) for p in range(2, first["pages"] + 1)))
-    return {"seconds": time.perf_counter() - t0, "runs": len(first["items"]) + sum(counts),
-            "pages": first["pages"], "bytes": nbytes[0], "concurrency": concurrency}
+        out = await _walk_floor(get, concurrency)
+    return {"seconds": time.perf_counter() - t0, **out}
 
 
 async def _client_walk(url: str, pages: int, concurrency: int, adaptive: bool) -> dict:
