@@ -49,9 +49,7 @@ WITH per_status AS (
     GROUP BY workspace, run_id, status
 ),
 unseen_pairs AS (
-    SELECT workspace, run_id, status
-    FROM run_history WHERE observed_after IS NULL
-    GROUP BY workspace, run_id, status HAVING count(*) > 1
+    SELECT workspace, run_id, status FROM per_status WHERE entered_unseen > 1
 ),
 unseen_upper AS (
     SELECT h.workspace, h.run_id, h.status,
