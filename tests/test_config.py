@@ -46,6 +46,7 @@ storage_compatibility = "v1.2.0"
 
 [sync]
 batch_pages = 7
+parse_workers = 3
 max_walk_passes = 4
 max_reject_fraction = 0.05
 lookback = "15m"
@@ -179,7 +180,7 @@ def test_every_key_of_a_full_toml_parses(tmp_path):
     assert s.warehouse.duckdb_path == Path("/data/runs.duckdb")
     assert (s.warehouse.memory_limit, s.warehouse.lock_wait) == ("512MB", 5)
     assert s.warehouse.storage_compatibility == "v1.2.0"
-    assert (s.sync.batch_pages, s.sync.max_walk_passes) == (7, 4)
+    assert (s.sync.batch_pages, s.sync.max_walk_passes, s.sync.parse_workers) == (7, 4, 3)
     assert s.sync.max_reject_fraction == 0.05
     assert s.sync.lookback == timedelta(minutes=15)
     assert s.sync.full_refresh_every == timedelta(days=7)

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from runs_etl import warehouse
 from runs_etl.engine.load import RUN_COLUMNS, WORKFLOW_COLUMNS, MergeCounts, merge
 from runs_etl.engine.models import parse_page
-from runs_etl.engine.normalize import normalize
+from runs_etl.engine.normalize import staged_tables
 from runs_etl.engine.staging import Stage
 
 PROPERTY = settings(max_examples=15, deadline=None,
@@ -53,7 +53,7 @@ def upsert(con, sync_id: int, pages: list[tuple[int, list[dict]]],
     try:
         groups = batches or [[i] for i in range(len(pages))]
         for group in groups:
-            stage.add(normalize([(pages[i][0], parsed(pages[i][1])) for i in group]))
+            stage.add(staged_tables([(pages[i][0], 1, parsed(pages[i][1])) for i in group]))
         return merge(con, "default", sync_id)
     finally:
         stage.close()

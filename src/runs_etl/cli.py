@@ -22,6 +22,7 @@ from . import __version__
 from .errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, ConfigError, RunsEtlError, one_line
 from .ops.logs import log_failure, setup_logging
 from .ops.signals import signals_interrupt, was_interrupted
+from .unused import skip_unused_imports
 
 if TYPE_CHECKING:  # imported where used: `--help` must not pay for pydantic (start-up time)
     from .config import Settings
@@ -268,33 +269,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     workspaces=args.workspaces)
 
 
-class _Unused:
-    """An import finder that answers "not installed" for modules the command never uses but
-    its libraries import when they can (see ``run``)."""
-
-    # pandas: pyarrow asks whether each value it converts is a DataFrame, importing pandas
-    # (often installed beside a warehouse) on the first conversion: 0.2 s and ~40 MB.
-    # numpy: pyarrow imports it when installed, to convert numpy arrays we never pass: 55 ms
-    # and ~10 MB (pyarrow works without it).
-    # httpx._main: httpx's own command line (click, rich, pygments): 45 ms; httpx falls back
-    # to a stub when it is missing.
-    PACKAGES = frozenset({"pandas", "numpy"})
-    NAMES = frozenset({"httpx._main"})
-
-    @classmethod
-    def find_spec(cls, name: str, path=None, target=None):
-        if name in cls.NAMES or name.partition(".")[0] in cls.PACKAGES:
-            raise ModuleNotFoundError(f"No module named {name!r} (not used by runs-etl)",
-                                      name=name)
-        return None
-
-
 def run() -> int:
-    """The ``runs-etl`` process: ``main`` without imports it never uses (``_Unused``), which
+    """The ``runs-etl`` process: ``main`` without imports it never uses (``unused``), which
     every cron run would pay for. Only the command's own process: importers of ``runs_etl``
     (tests, notebooks) are left alone."""
-    if _Unused not in sys.meta_path:  # a module already imported stays as it is
-        sys.meta_path.insert(0, _Unused)  # type: ignore[arg-type]
+    skip_unused_imports()
     return main()
 
 

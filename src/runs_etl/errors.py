@@ -135,6 +135,10 @@ class WarehouseError(RunsEtlError):
     pass
 
 
+class WorkerError(RunsEtlError):
+    """A validation worker process (``engine.parallel``) died mid-sync: nothing was committed."""
+
+
 class LakeError(RunsEtlError):
     """The Delta lake (``[lake] uri``) could not be read or written; the warehouse stands."""
 

@@ -53,6 +53,14 @@ WORKFLOWS_SCHEMA = pa.schema([
     ("_seq", pa.int64()),
 ])
 
+# A record that failed validation, staged with its raw JSON and the reason.
+REJECTED_SCHEMA = pa.schema([("page", pa.int32()), ("item_index", pa.int32()),
+                             ("run_id", pa.string()), ("error", pa.string()),
+                             ("raw", pa.string()), ("_seq", pa.int64())])
+# The tables a staged batch is made of.
+STAGED_SCHEMAS = {"runs": RUNS_SCHEMA, "workflows": WORKFLOWS_SCHEMA, "rejected": REJECTED_SCHEMA}
+
+
 def data_columns(schema: pa.Schema) -> list[str]:
     """The columns a schema carries from the API (``_seq`` and other ``_`` columns are ours)."""
     return [name for name in schema.names if not name.startswith("_")]
@@ -128,6 +136,19 @@ def workflows_table(pages: Pages) -> pa.Table:
         "_seq": [seq for seq, _ in latest.values()],
     }
     return pa.table(cols, schema=WORKFLOWS_SCHEMA)
+
+
+def staged_tables(pages: Sequence[tuple[int, int, ParsedPage]]) -> dict[str, pa.Table]:
+    """A batch of validated pages, each with its arrival seq and page number, as the tables
+    staged for the merge (``rejected`` only when a record was)."""
+    batch = normalize([(seq, page) for seq, _, page in pages])
+    tables = {"runs": batch.runs, "workflows": batch.workflows}
+    rejected = [(number, r.index, r.run_id, r.error, r.raw, seq)
+                for seq, number, page in pages for r in page.rejected]
+    if rejected:
+        tables["rejected"] = pa.table(dict(zip(REJECTED_SCHEMA.names, map(list, zip(*rejected)))),
+                                      schema=REJECTED_SCHEMA)
+    return tables
 
 
 def normalize(pages: Pages) -> Batch:

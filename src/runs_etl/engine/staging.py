@@ -10,29 +10,26 @@ verification, delete candidates and the merge.
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ..config import DEFAULT_WORKSPACE
-from ..errors import WarehouseError, first_line
 from ..warehouse.connect import sql_glob
 from . import load
+from .batches import BatchFiles, staging_failure
 from .client import FetchedPage
-from .models import TERMINAL_STATUSES
-from .normalize import RUNS_SCHEMA, WORKFLOWS_SCHEMA, Batch, normalize
+from .models import TERMINAL_STATUSES, PageDigest
+from .normalize import STAGED_SCHEMAS, staged_tables
 from .walk import PassStats
 
-REJECTED_SCHEMA = pa.schema([("page", pa.int32()), ("item_index", pa.int32()),
-                             ("run_id", pa.string()), ("error", pa.string()),
-                             ("raw", pa.string()), ("_seq", pa.int64())])
-_KINDS = {"runs": RUNS_SCHEMA, "workflows": WORKFLOWS_SCHEMA, "rejected": REJECTED_SCHEMA}
+if TYPE_CHECKING:
+    from .parallel import ValidationPool
 # Folders being written (a sync's staged batches, an export version) start with this prefix: one
 # left behind by a killed process is removed by the next one that holds the lock.
 STAGING_PREFIX = ".staging-"
@@ -64,33 +61,23 @@ class Stage:
         try:
             self.dir = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=directory))
         except OSError as e:
-            raise _staging_failure(directory or Path(tempfile.gettempdir()), e) from None
-        self._files = 0
+            raise staging_failure(directory or Path(tempfile.gettempdir()), e) from None
+        self._files = BatchFiles(self.dir)
         # An empty file per kind, so the views below always have something to read.
-        self._write({k: s.empty_table() for k, s in _KINDS.items()})
+        self.add({k: s.empty_table() for k, s in STAGED_SCHEMAS.items()}, empty_too=True)
         for kind, view in (("runs", "stage_runs"), ("workflows", "stage_workflows"),
                            ("rejected", "stage_rejected")):
             # The folder derives from the database path, which may hold glob characters.
             con.execute(f"CREATE OR REPLACE TEMP VIEW {view} AS "
                         f"SELECT * FROM read_parquet({sql_glob(self.dir, f'{kind}-*.parquet')})")
 
-    def _write(self, tables: dict[str, pa.Table]) -> None:
-        n = self._files
-        self._files += 1
+    def add(self, tables: dict[str, pa.Table], *, empty_too: bool = False) -> None:
+        """Stage one batch (``normalize.staged_tables``); nothing touches the warehouse tables
+        until ``merge``."""
         try:
-            for kind, table in tables.items():
-                if table.num_rows or n == 0:
-                    pq.write_table(table, self.dir / f"{kind}-{n:06d}.parquet",
-                                   compression="snappy")
+            self._files.write(tables, empty_too=empty_too)
         except OSError as e:
-            raise _staging_failure(self.dir, e) from None
-
-    def add(self, batch: Batch, rejected: pa.Table | None = None) -> None:
-        """Stage one batch; nothing touches the warehouse tables until ``merge``."""
-        tables = {"runs": batch.runs, "workflows": batch.workflows}
-        if rejected is not None:
-            tables["rejected"] = rejected
-        self._write(tables)
+            raise staging_failure(self.dir, e) from None
 
     def distinct_between(self, lo: int, hi: int, not_newer_than: datetime | None = None) -> int:
         """Distinct runs among the sightings with arrival seq in [lo, hi] (one walk pass),
@@ -133,13 +120,6 @@ class Stage:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _staging_failure(folder: Path, exc: OSError) -> WarehouseError:
-    """A full disk (or a folder gone read-only) while staging is an operating condition."""
-    detail = os.strerror(exc.errno) if exc.errno else first_line(exc)
-    return WarehouseError(f"cannot write the sync's staged batches in {folder} ({detail}); "
-                          "nothing was committed. Check free disk space beside the database")
-
-
 class StagingSink:
     """Stages fetched (already validated) pages ``batch_pages`` at a time, off the fetching path.
 
@@ -149,9 +129,10 @@ class StagingSink:
     was staged through the async methods at the end.
     """
 
-    def __init__(self, stage: Stage, batch_pages: int):
+    def __init__(self, stage: Stage, batch_pages: int, pool: ValidationPool | None = None):
         self.stage = stage
         self.batch_pages = batch_pages
+        self.pool = pool  # validation workers, which stage the pages they validate themselves
         self.seconds = 0.0
         self._queue: asyncio.Queue | None = None
         self._consumer: asyncio.Task | None = None
@@ -165,6 +146,8 @@ class StagingSink:
     async def put(self, page: FetchedPage) -> None:
         """Queue ``page``; raises what staging raised if the consumer has died, also while
         waiting for room (else every worker would wait on a full queue nobody drains)."""
+        if isinstance(page.parsed, PageDigest):
+            return  # validated and staged by a worker (``parallel``)
         queue, consumer = self._ensure_consumer()
         if consumer.done():  # it failed: surface its error instead of queueing forever
             consumer.result()
@@ -189,6 +172,8 @@ class StagingSink:
         if consumer.done():
             consumer.result()
         await done
+        if self.pool is not None:
+            await self.pool.flush(self.stage.dir)
 
     async def aclose(self) -> None:
         if self._consumer is not None:
@@ -214,14 +199,9 @@ class StagingSink:
         """Normalize on the event loop (it needs the GIL anyway: a thread would only add
         switching), then write the Parquet files in a thread (pyarrow releases the GIL)."""
         t0 = time.perf_counter()
-        rejected = [(p.number, r.index, r.run_id, r.error, r.raw, p.seq)
-                    for p in pages for r in p.parsed.rejected]
-        rejected_table = None
-        if rejected:
-            rejected_table = pa.table(dict(zip(REJECTED_SCHEMA.names, map(list, zip(*rejected)))),
-                                      schema=REJECTED_SCHEMA)
-        batch = normalize([(p.seq, p.parsed) for p in pages])
-        await asyncio.to_thread(self.stage.add, batch, rejected_table)
+        tables = staged_tables([(p.seq, p.number, p.parsed) for p in pages
+                                if not isinstance(p.parsed, PageDigest)])  # see put
+        await asyncio.to_thread(self.stage.add, tables)
         self.seconds += time.perf_counter() - t0
 
     async def pass_stats(self, first_seq: int, last_seq: int,

@@ -40,6 +40,7 @@ from .extract import (
     plan_sync,
 )
 from .loop import run_interruptibly
+from .parallel import ValidationPool, default_workers
 from .staging import Stage, StagingSink, staging_root
 from .walk import NullProgress, Progress, gather_or_cancel
 
@@ -81,8 +82,10 @@ class Outcome:
 async def _extract(job: _Job, transport: httpx.AsyncBaseTransport | None, progress: Progress,
                    allow_mass_delete: bool, shared: asyncio.Semaphore | None) -> Extracted:
     settings, result = job.settings, job.result
-    assert job.sink is not None
+    assert job.sink is not None and job.stage is not None
     client = ApiClient.from_settings(settings, transport=transport, shared=shared)
+    if job.sink.pool is not None:
+        client.page_parser = job.sink.pool.parser_for(job.stage.dir)
     if job.recorder is not None:
         client.on_body = lambda *body: _record_body(job, *body)
     limit = settings.sync.max_duration
@@ -110,9 +113,11 @@ async def _extract(job: _Job, transport: httpx.AsyncBaseTransport | None, progre
 
 
 async def _extract_all(jobs: list[_Job], transports: Mapping[str, Any], progress: Progress,
-                       allow_mass_delete: bool, max_in_flight: int) -> None:
+                       allow_mass_delete: bool, max_in_flight: int,
+                       pool: ValidationPool | None) -> None:
     """Every workspace's walk at once, within one bound on requests in flight; a workspace that
-    fails does not stop the others (an interruption stops them all)."""
+    fails does not stop the others (an interruption stops them all). The validation workers
+    (``pool``) stop once every walk has ended, before the merges need the memory."""
     shared = asyncio.Semaphore(max_in_flight) if len(jobs) > 1 else None
 
     async def one(job: _Job) -> None:
@@ -127,7 +132,11 @@ async def _extract_all(jobs: list[_Job], transports: Mapping[str, Any], progress
         finally:
             job.result.seconds_extract = time.perf_counter() - t0
 
-    await gather_or_cancel(one(job) for job in jobs)
+    try:
+        await gather_or_cancel(one(job) for job in jobs)
+    finally:
+        if pool is not None:
+            await pool.aclose()
 
 
 @contextmanager
@@ -176,13 +185,16 @@ def sync_workspaces(settings: Settings, con, names: Sequence[str], *,
     jobs = [_open_job(settings, con, name, full_refresh, t_start) for name in names]
     try:
         root = staging_root(con)
+        workers = settings.sync.parse_workers
+        workers = default_workers() if workers is None else workers
+        pool = ValidationPool(workers, settings.sync.batch_pages) if workers else None
         for job in jobs:
             job.stage = Stage(job.cur, job.result.sync_id, root, workspace=job.name)
-            job.sink = StagingSink(job.stage, settings.sync.batch_pages)
+            job.sink = StagingSink(job.stage, settings.sync.batch_pages, pool)
             job.recorder = _open_recorder(job)
         with _fewer_gc_passes():
             run_interruptibly(_extract_all(jobs, transports, progress or NullProgress(),
-                              allow_mass_delete, settings.sync.max_requests_in_flight))
+                              allow_mass_delete, settings.sync.max_requests_in_flight, pool))
         for job in jobs:
             _load(job, allow_mass_delete)
     except BaseException as exc:  # an interruption (or a bug): every open attempt failed

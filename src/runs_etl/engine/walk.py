@@ -37,12 +37,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, Protocol
 
 from ..errors import WalkError
 from .client import ApiClient, FetchedPage
-from .models import INT64_MAX, INT64_MIN, utc
+from .models import INT64_MAX, INT64_MIN, not_newer, utc
 
 
 @dataclass(frozen=True)
@@ -114,23 +114,6 @@ def total_problem(page: FetchedPage, page_size: int) -> str | None:
     return None
 
 
-def _grain(t: datetime) -> int:
-    """The precision a timestamp was most likely sent with, in microseconds: whole seconds,
-    milliseconds or microseconds (the string is gone; trailing zeros tell)."""
-    us = t.microsecond
-    return 1_000_000 if us == 0 else 1000 if us % 1000 == 0 else 1
-
-
-def not_newer(a: datetime, b: datetime) -> bool:
-    """``a <= b``, unless they differ only below the coarser precision of the two: a source
-    mixing ``05Z`` and ``05.400Z`` is still newest-first when it sends them in that order."""
-    if a <= b:
-        return True
-    g = max(_grain(a), _grain(b))
-    return a - timedelta(microseconds=a.microsecond % g) <= \
-        b - timedelta(microseconds=b.microsecond % g)
-
-
 @dataclass
 class _Pass:
     """What one pass saw: seq range, reported totals, and each page's created_at bounds."""
@@ -159,10 +142,11 @@ class _Pass:
             self.last_total, self.last_total_seq = page.parsed.total, page.seq
         if self.bad_total is None:
             self.bad_total = total_problem(page, self.page_size)
-        created = [utc(r.created_at) for r in page.parsed.runs]
-        if created:
-            self.sorted_within &= all(not_newer(b, a) for a, b in zip(created, created[1:]))
-            self.bounds.setdefault(page.number, (created[0], created[-1], page.parsed.total))
+        order = page.parsed.order()
+        if order is not None:
+            newest, oldest, sorted_within = order
+            self.sorted_within &= sorted_within
+            self.bounds.setdefault(page.number, (newest, oldest, page.parsed.total))
 
     def constant_total(self) -> int | None:
         """The total every response of the pass reported, if they all agree."""
