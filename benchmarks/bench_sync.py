@@ -6,7 +6,9 @@ adaptive concurrency against a rate-limited and a latency-bound simulator.
 
 The simulator runs in its own process (so it does not share our GIL), commanded over a pipe.
 Each sync runs as a child process (``python -m runs_etl sync``): its wall time includes
-interpreter start-up and imports, and its peak RSS is its own (``wait4``). The *fetch floor* is
+interpreter start-up and imports; its CPU time includes its validation workers', and its peak
+memory is the most it and its workers held at once (RSS and PSS, sampled every 10 ms). The
+*fetch floor* is
 the fastest honest client: bare httpx, every body parsed with orjson, against the same simulator
 in the same run, at 4, 8 and the sync's concurrency ceiling; the fastest counts. A lower floor
 on httpcore (httpx's transport, without its client layer) shows what the HTTP client costs. The
@@ -27,6 +29,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -166,8 +169,10 @@ def _sync(url: str, db: Path, *extra: str, lake_env: dict | None = None) -> dict
         # -v --log-format json: the debug line "published ... in Xs" carries the publish cost
         proc = subprocess.Popen([sys.executable, "-m", "runs_etl", "sync", "-v", "--log-format",
                                  "json", *args, *extra], env=env, stderr=log)
+        tree = _TreeRss(proc.pid)
         _, status, usage = os.wait4(proc.pid, 0)
         seconds = time.perf_counter() - t0
+        tree.stop()
         log.seek(0)
         lines = log.read().decode().splitlines()
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -187,10 +192,65 @@ def _sync(url: str, db: Path, *extra: str, lake_env: dict | None = None) -> dict
     out = dict(zip(keys, row))
     out["seconds"] = seconds  # process wall time, Python start-up and imports included
     out["peak_rss_mb"] = usage.ru_maxrss / 1024
+    # With validation workers the sync is several processes: the most they held at once.
+    out["peak_tree_rss_mb"] = max(tree.peak / 1024, out["peak_rss_mb"])
+    out["peak_tree_pss_mb"] = tree.peak_pss / 1024 or None  # None: no worker ran
     out["cpu_seconds"] = usage.ru_utime + usage.ru_stime
     out["publish_seconds"] = publish[0] if publish else None
     out["lake_seconds"] = lake[0] if lake else None
     return out
+
+
+class _TreeRss:
+    """Samples the memory of a process and its children (the sync's validation workers) every
+    10 ms, keeping the largest sums (KiB): of their RSS, and of their PSS (shared pages, such
+    as the libraries every process maps, counted once: the memory the tree really held).
+    ``wait4`` only knows one process at a time."""
+
+    def __init__(self, pid: int):
+        self.pid, self.peak, self.peak_pss = pid, 0, 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._done.wait(0.01):
+            tree = [self.pid, *_children(self.pid)]
+            self.peak = max(self.peak, sum(_status_kib(p, "VmRSS:") for p in tree))
+            if len(tree) > 1:  # alone, its PSS is no figure ru_maxrss does not give
+                self.peak_pss = max(self.peak_pss, sum(_pss_kib(p) for p in tree))
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
+                for c in (task / "children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _status_kib(pid: int, key: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _pss_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
 def _with_cpu(walk) -> dict:
@@ -279,6 +339,8 @@ def main(argv=None) -> int:
     ap.add_argument("--latency", type=float, default=0.1, help="seconds (adaptive runs)")
     ap.add_argument("--adaptive-pages", type=int, default=200)
     ap.add_argument("--memory-limit", help="warehouse.memory_limit for the syncs (e.g. 128MB)")
+    ap.add_argument("--parse-workers", type=int,
+                    help="sync.parse_workers for the syncs (default: runs-etl's, one per CPU)")
     ap.add_argument("--lake", choices=("local", "s3"),
                     help="every sync also writes a Delta lake: a local folder or moto's S3")
     ap.add_argument("--skip-floor", action="store_true", help="no fetch floor (1M: minutes)")
@@ -298,9 +360,14 @@ def main(argv=None) -> int:
                 _fetch_floor_core(sim.url, "sim-key", report["fetch_floor"]["concurrency"], 100))
         with tempfile.TemporaryDirectory() as tmp, _lake(args.lake, Path(tmp)) as lake_env:
             sync = functools.partial(_sync, sim.url, lake_env=lake_env)
+            lines = []
             if args.memory_limit:
+                lines.append(f'[warehouse]\nmemory_limit = "{args.memory_limit}"')
+            if args.parse_workers is not None:
+                lines.append(f"[sync]\nparse_workers = {args.parse_workers}")
+            if lines:
                 config = Path(tmp) / "bench.toml"
-                config.write_text(f'[warehouse]\nmemory_limit = "{args.memory_limit}"\n')
+                config.write_text("\n".join(lines) + "\n")
                 os.environ["RUNS_ETL_BENCH_CONFIG"] = str(config)
             report["uptime_before"] = _load()
             # Each full sync on a fresh warehouse; the median counts (this machine is shared).
@@ -317,7 +384,8 @@ def main(argv=None) -> int:
             if paired:
                 report["paired_ratios"] = paired
             report["full_syncs"] = [round(f["seconds"], 2) for f in fulls]
-            report["full_syncs_peak_rss_mb"] = [round(f["peak_rss_mb"]) for f in fulls]
+            report["full_syncs_peak_rss_mb"] = [round(f["peak_tree_rss_mb"]) for f in fulls]
+            report["full_syncs_peak_pss_mb"] = [round(f["peak_tree_pss_mb"] or 0) for f in fulls]
             report["full_sync"] = sorted(fulls, key=lambda f: f["seconds"])[len(fulls) // 2]
             if not args.only_full:
                 n = max(1, int(args.runs * args.change_fraction))
@@ -351,7 +419,7 @@ def main(argv=None) -> int:
     print(json.dumps(report, indent=2, default=str))
     print(f"\nload before: {report['uptime_before']}; after: {report['uptime_after']}")
     print(f"\n| {args.runs:,} runs | wall s (process) | CPU s | sync s (ledger) | publish s "
-          "| lake s | requests | MB transferred | peak RSS MB |"
+          "| lake s | requests | MB transferred | peak RSS MB: all, the sync's own, PSS of all |"
           "\n|---|---|---|---|---|---|---|---|---|")
     for f in report.get("fetch_floors", []):
         print(f"| fetch floor, httpx + orjson, concurrency {f['concurrency']} | "
@@ -369,7 +437,8 @@ def main(argv=None) -> int:
             print(f"| {name.replace('_', ' ')} | {r['seconds']:.2f} | {r['cpu_seconds']:.2f} | "
                   f"{r['seconds_total']:.2f} | "
                   f"{r['publish_seconds']:.3f} | {lake} | {r['requests']} | "
-                  f"{r['bytes'] / 2**20:.1f} | {r['peak_rss_mb']:.0f} |")
+                  f"{r['bytes'] / 2**20:.1f} | {r['peak_tree_rss_mb']:.0f}, "
+                  f"{r['peak_rss_mb']:.0f}, {r['peak_tree_pss_mb'] or 0:.0f} |")
     print(f"\npublish / full sync (wall): {report['publish_share_of_full']:.2%}")
     if "lake_share_of_full_without_lake" in report:
         print("lake write / rest of the full sync (wall): "
@@ -377,7 +446,8 @@ def main(argv=None) -> int:
     if "full_vs_floor_wall" in report:
         print(f"full sync / floor (wall): {report['full_vs_floor_wall']:.2f}x "
               f"(median of {report['full_syncs']} s; peak RSS "
-              f"{report['full_syncs_peak_rss_mb']} MB); / httpcore floor: "
+              f"{report['full_syncs_peak_rss_mb']} MB, PSS "
+              f"{report['full_syncs_peak_pss_mb']} MB); / httpcore floor: "
               f"{report['full_vs_httpcore_floor_wall']:.2f}x; CPU: "
               f"{report['full_vs_floor_cpu']:.2f}x the floor's")
     if "paired_ratios" in report:

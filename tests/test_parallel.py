@@ -147,11 +147,11 @@ def test_a_worker_that_cannot_write_its_batches_says_where(tmp_path):
     assert all(p.returncode is not None for p in procs), "a worker outlived its pool"
 
 
-def test_the_default_is_a_worker_per_cpu_and_none_on_one(monkeypatch):
-    monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0}, raising=False)
-    assert parallel.default_workers() == 0
-    monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0, 1, 2}, raising=False)
-    assert parallel.default_workers() == 3
+def test_the_default_leaves_the_sync_a_cpu_of_its_own(monkeypatch):
+    for cpus, workers in ((1, 0), (2, 1), (4, 3), (64, 8)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda _, n=cpus: set(range(n)),
+                            raising=False)
+        assert parallel.default_workers() == workers
 
 
 def _workers_pages(caplog) -> int:

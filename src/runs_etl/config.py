@@ -210,7 +210,7 @@ class SyncSettings(_Section):
     batch_pages: int = Field(20, ge=1, description="pages validated and staged per batch")
     parse_workers: int | None = Field(
         None, ge=0, le=64, description="processes validating pages in long walks; unset = one "
-        "per CPU (none on one CPU), 0 = in the sync's own process")
+        "per CPU beyond the first (none on one CPU), 0 = in the sync's own process")
     max_walk_passes: int = Field(3, ge=1, le=10, description="walks of a moving source")
     max_reject_fraction: float = Field(0.01, ge=0, le=1, description="fail above this share")
     lookback: Duration = Field(timedelta(hours=1), description="incremental overlap window")
