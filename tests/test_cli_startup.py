@@ -119,7 +119,9 @@ def test_output_to_a_full_disk_is_one_error_line_and_a_failure(make_sim, sim_env
                    timeout=120)
     for run_env in (env, _buffered(env)):
         for args in (["status", "--json"], ["status"]):
-            with open("/dev/full", "w") as full:
+            # r+, not w: where /dev/full is missing, "w" would create a file that every
+            # later run then writes to without error
+            with open("/dev/full", "r+") as full:
                 out = subprocess.run([sys.executable, "-m", "runs_etl", *args], env=run_env,
                                      stdout=full, stderr=subprocess.PIPE, text=True, timeout=60)
             assert out.returncode == 1, (args, out.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -406,3 +407,24 @@ def test_page_with_a_bad_record_is_not_retried():
     assert len(handler.calls) == 1
     assert len(page.parsed.runs) == 2 and len(page.parsed.rejected) == 1
     assert page.count == 3
+
+
+# --- what the client layer did that the direct GET keeps ---------------------------------------
+
+def test_credentials_in_the_api_url_are_sent_and_cookies_sent_back():
+    """``api.url = https://user:pass@host`` is basic auth, as httpx itself would send it; a
+    cookie the API sets (a load balancer's sticky session) comes back on the next request."""
+    handler = scripted(ok(**{"set-cookie": "AWSALB=sticky; Path=/"}), ok())
+
+    async def main():
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler),
+                                     base_url="https://us%40er:pa%3Ass@api.example") as http:
+            client = ApiClient(http=http, page_size=10, sleep=Sleeps())
+            await client.fetch_page(1)
+            await client.fetch_page(2)
+
+    asyncio.run(main())
+    first, second = handler.calls
+    expected = "Basic " + base64.b64encode(b"us@er:pa:ss").decode()
+    assert first.headers["authorization"] == second.headers["authorization"] == expected
+    assert "cookie" not in first.headers and second.headers["cookie"] == "AWSALB=sticky"

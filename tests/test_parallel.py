@@ -129,6 +129,43 @@ def test_a_worker_that_dies_fails_the_walk_with_a_clear_error(tmp_path):
     assert "sync.parse_workers" in text
 
 
+def test_a_flush_after_a_worker_died_fails_at_once_instead_of_waiting_forever(tmp_path):
+    async def main():
+        pool = ValidationPool(1, batch_pages=50)
+        try:
+            await validated(pool, tmp_path, 1, a_page(1))
+            [worker] = pool._workers
+            os.kill(worker.proc.pid, signal.SIGKILL)
+            await asyncio.wait_for(worker.reader, 10)  # the pool has seen it go
+            with pytest.raises(WorkerError):
+                await asyncio.wait_for(pool.flush(tmp_path), 10)
+        finally:
+            await pool.aclose()
+
+    asyncio.run(main())
+
+
+def test_workers_leave_the_signals_that_stop_a_sync_to_the_sync(tmp_path):
+    """systemd stops a service with SIGTERM to every process in it, and Ctrl-C reaches the
+    whole process group: the sync decides (finish, or unwind); its workers carry on."""
+    async def main():
+        pool = ValidationPool(1, batch_pages=50)
+        try:
+            await validated(pool, tmp_path, 1, a_page(1))
+            [worker] = pool._workers
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                os.kill(worker.proc.pid, sig)
+            await asyncio.sleep(0.2)
+            await validated(pool, tmp_path, 2, a_page(50))
+            await pool.flush(tmp_path)
+            assert worker.proc.returncode is None
+        finally:
+            await pool.aclose()
+
+    asyncio.run(main())
+    assert len(staged(tmp_path, "runs")) == 10
+
+
 def test_a_worker_that_cannot_write_its_batches_says_where(tmp_path):
     gone = tmp_path / "no-such-folder"
 
@@ -148,10 +185,23 @@ def test_a_worker_that_cannot_write_its_batches_says_where(tmp_path):
 
 
 def test_the_default_leaves_the_sync_a_cpu_of_its_own(monkeypatch):
-    for cpus, workers in ((1, 0), (2, 1), (4, 3), (64, 8)):
+    monkeypatch.setattr(parallel, "_cpu_quota", lambda: None)
+    for cpus, workers in ((1, 0), (2, 1), (4, 3), (64, parallel.MAX_DEFAULT_WORKERS)):
         monkeypatch.setattr(os, "sched_getaffinity", lambda _, n=cpus: set(range(n)),
                             raising=False)
         assert parallel.default_workers() == workers
+    # A container limited to 1.5 CPUs on a 64-CPU host: two CPUs' worth, so one worker.
+    monkeypatch.setattr(parallel, "_cpu_quota", lambda: 2)
+    assert parallel.default_workers() == 1
+
+
+@pytest.mark.parametrize(("text", "cpus"), [("150000 100000\n", 2), ("100000 100000", 1),
+                                            ("50000 100000", 1), ("max 100000", None),
+                                            ("garbage", None)])
+def test_a_cgroup_cpu_quota_is_read_as_whole_cpus(tmp_path, text, cpus):
+    (tmp_path / "cpu.max").write_text(text)
+    assert parallel._cpu_quota(str(tmp_path / "cpu.max")) == cpus
+    assert parallel._cpu_quota(str(tmp_path / "missing")) is None
 
 
 def _workers_pages(caplog) -> int:

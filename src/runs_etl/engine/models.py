@@ -41,6 +41,10 @@ TS_MIN = datetime(1970, 1, 1, tzinfo=UTC)
 TS_MAX = datetime.max.replace(tzinfo=UTC)
 
 TERMINAL_STATUSES = frozenset({"completed", "failed", "stopped"})
+# The cycle collector's first threshold while a walk parses pages (Python's default is 700):
+# parsed pages are millions of short-lived, acyclic objects that it would rescan constantly
+# (measured: ~15% faster extract at 100k runs); reference counting still frees them at once.
+WALK_GC_THRESHOLD = 20_000
 # Any status not in TERMINAL_STATUSES (queued, running, awaiting_human_feedback, or one a newer
 # server invents) is open: such a run will still change.
 
@@ -257,7 +261,7 @@ class PageDigest:
     def of(cls, page: ParsedPage) -> PageDigest:
         one_us = timedelta(microseconds=1)
         created = [utc(r.created_at) for r in page.runs]
-        order = order_of(created)
+        order = page.order()
         if order is not None:  # with datetime's own UTC, which pickles far cheaper
             order = (order[0].astimezone(UTC), order[1].astimezone(UTC), order[2])
         return cls([RunKey(r.id, (t - _EPOCH) // one_us, r.status)

@@ -14,11 +14,13 @@ client retries the request as before. Everything about HTTP (retries, the limite
 ledger's counters, raw page retention) stays in the sync's process.
 
 A worker reads requests on stdin and answers each on stdout, in order (4-byte length, pickle:
-a private pipe between two processes of the same program). It exits when its stdin closes, so
-a sync killed with SIGKILL leaves none behind, and ignores SIGINT (Ctrl-C in a terminal reaches
-the whole process group; the sync unwinds and closes it). A worker that dies holding pages not
-yet written fails the sync (``WorkerError``, nothing committed); one that cannot start leaves
-the walk validating in process, with a warning.
+a private socket between two processes of the same program). It exits when its stdin closes,
+and only then: a sync killed with SIGKILL leaves none behind, and a signal meant for the sync
+(Ctrl-C in a terminal, systemd's SIGTERM to the whole service) is ignored by the workers, so
+the sync unwinds, or finishes, as it would alone. A worker that dies fails the sync
+(``WorkerError``, nothing committed: it may have held pages not yet written); one that cannot
+start leaves the walk validating in process, with a warning. Each worker costs ~80-120 MB of
+RSS, most of it the libraries the sync's own process maps too.
 """
 
 from __future__ import annotations
@@ -37,11 +39,13 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from ..errors import WorkerError
-from .batches import BatchFiles, staging_failure
-from .models import EnvelopeError, PageDigest
+
+# The worker process imports these only once it ignores signals and skips unused imports.
+if TYPE_CHECKING:
+    from .models import PageDigest
 
 log = logging.getLogger("runs_etl.parallel")
 
@@ -49,18 +53,30 @@ log = logging.getLogger("runs_etl.parallel")
 START_AT_PAGE = 20
 # Seconds a worker gets to exit once its stdin is closed, before it is killed.
 EXIT_WAIT = 5.0
+# Most workers a sync starts by default: each is a second interpreter with its libraries.
+MAX_DEFAULT_WORKERS = 4
 
 
 def default_workers() -> int:
     """One worker per CPU this process may use beyond the one its own fetching needs, at most
-    8: none on a single CPU, one on two. (Measured at 100k runs on two CPUs shared with the
-    simulator: one worker cut the full sync's wall time by a quarter; two took more CPU and
-    memory for no more speed, the sync's own process losing its core to them.)"""
+    ``MAX_DEFAULT_WORKERS``: none on a single CPU, one on two. (Measured at 100k runs on two
+    CPUs shared with the simulator: one worker cut the full sync's wall time by a quarter; two
+    took more CPU and memory for no more speed, the sync's own process losing its core to
+    them.) A container's CPU quota counts, not just the host's CPUs it may run on."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(0, min((cpus or 1) - 1, 8))
+    return max(0, min(min(cpus or 1, _cpu_quota() or 1 << 16) - 1, MAX_DEFAULT_WORKERS))
 
 
-PageParser = Callable[[int, int, bytes], Awaitable[PageDigest | None]]
+def _cpu_quota(path: str = "/sys/fs/cgroup/cpu.max") -> int | None:
+    """The CPUs a cgroup v2 quota allows (``cpu.max``: "quota period", or "max"), rounded up."""
+    try:
+        quota, period = Path(path).read_text().split()[:2]
+        return None if quota == "max" else max(1, -(-int(quota) // int(period)))
+    except (OSError, ValueError):
+        return None
+
+
+PageParser = Callable[[int, int, bytes], Awaitable["PageDigest | None"]]
 
 
 @dataclass(eq=False)
@@ -69,6 +85,7 @@ class _Worker:
     stdout: asyncio.StreamReader
     stdin: asyncio.StreamWriter
     ready: bool = False
+    gone: bool = False  # its answers have ended: nothing sent to it will be answered
     pending: deque[asyncio.Future] = field(default_factory=deque)
     reader: asyncio.Task | None = None
 
@@ -111,6 +128,8 @@ class ValidationPool:
             self.pages += 1
             return reply[1]
         if reply[0] == "invalid":
+            from .models import EnvelopeError
+
             raise EnvelopeError(reply[1])
         raise self._failed(reply)
 
@@ -149,16 +168,25 @@ class ValidationPool:
     async def _start(self) -> None:
         for _ in range(self.size):
             ours, theirs = socket.socketpair()
-            for sock in (ours, theirs):  # a page body in one write, not 64 KB at a time
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 22)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+            proc = None
             try:
+                for sock in (ours, theirs):  # a page body in one write, not 64 KB at a time
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 22)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+                # -P: the working directory is not on the worker's sys.path (as it is not on
+                # the runs-etl command's), so no file there shadows a module.
                 proc = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", __name__, str(self.batch_pages),
+                    sys.executable, "-P", "-m", __name__, str(self.batch_pages),
                     stdin=theirs.fileno(), stdout=theirs.fileno(),
                     stderr=asyncio.subprocess.DEVNULL)
                 reader, writer = await asyncio.open_connection(sock=ours, limit=1 << 20)
-            except OSError as e:  # no process to be had (a limit): validate in process
+            except BaseException as e:
+                ours.close()
+                if proc is not None and proc.returncode is None:
+                    proc.kill()
+                if not isinstance(e, OSError):
+                    raise
+                # No process to be had (a limit): validate in process.
                 log.warning("cannot start a validation worker (%s): the sync validates pages "
                             "in its own process", e.strerror or e,
                             extra={"event": "workers_unavailable"})
@@ -172,6 +200,8 @@ class ValidationPool:
                   extra={"event": "workers_started", "workers": len(self._workers)})
 
     async def _call(self, worker: _Worker, request: tuple) -> tuple:
+        if worker.gone:  # its reader has ended: nobody would answer
+            raise self._failure or WorkerError("a validation worker has exited")
         stdin = worker.stdin
         future = asyncio.get_running_loop().create_future()
         worker.pending.append(future)
@@ -199,6 +229,7 @@ class ValidationPool:
                     future.set_result(reply)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
+        worker.gone = True  # before any await: no request may join ``pending`` from now on
         code = await worker.proc.wait()
         if self._closing:
             return
@@ -209,9 +240,9 @@ class ValidationPool:
                         extra={"event": "worker_failed_to_start"})
             return
         self._failure = WorkerError(
-            f"a validation worker (pid {worker.proc.pid}) died ({_exit_status(code)}) with "
-            "pages not yet staged; nothing was committed. If the system ran out of memory, "
-            "lower sync.parse_workers (0 validates in the sync's own process)")
+            f"a validation worker (pid {worker.proc.pid}) died ({_exit_status(code)}), maybe "
+            "with pages not yet staged; nothing was committed. If the system ran out of "
+            "memory, lower sync.parse_workers (0 validates in the sync's own process)")
         while worker.pending:
             future = worker.pending.popleft()
             if not future.done():
@@ -219,6 +250,8 @@ class ValidationPool:
 
     @staticmethod
     def _failed(reply: tuple) -> BaseException:
+        from .batches import staging_failure
+
         if reply[0] == "failed" and reply[1] == "staging":
             _, _, folder, errno, strerror = reply
             return staging_failure(Path(folder), OSError(errno, strerror))
@@ -239,7 +272,8 @@ def _exit_status(code: int) -> str:
 
 def _serve(requests: BinaryIO, answers: BinaryIO, batch_pages: int) -> None:
     """Answer requests until stdin closes (see the module docstring for the protocol)."""
-    from .models import parse_page
+    from .batches import BatchFiles
+    from .models import EnvelopeError, PageDigest, parse_page
     from .normalize import staged_tables
 
     def answer(reply: tuple) -> None:
@@ -302,11 +336,14 @@ def _serve(requests: BinaryIO, answers: BinaryIO, batch_pages: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m runs_etl.engine.parallel BATCH_PAGES``: one validation worker."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # the sync's to handle
+        signal.signal(sig, signal.SIG_IGN)
     from ..unused import skip_unused_imports
 
     skip_unused_imports()
-    gc.set_threshold(20_000, *gc.get_threshold()[1:])  # as the sync's own walk (sync.py)
+    from .models import WALK_GC_THRESHOLD
+
+    gc.set_threshold(WALK_GC_THRESHOLD, *gc.get_threshold()[1:])
     # The answers own the real stdout; anything else printed goes to stderr instead.
     answers = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)

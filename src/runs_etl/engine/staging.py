@@ -15,7 +15,7 @@ import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import pyarrow as pa
 
@@ -24,7 +24,7 @@ from ..warehouse.connect import sql_glob
 from . import load
 from .batches import BatchFiles, staging_failure
 from .client import FetchedPage
-from .models import TERMINAL_STATUSES, PageDigest
+from .models import TERMINAL_STATUSES, PageDigest, ParsedPage
 from .normalize import STAGED_SCHEMAS, staged_tables
 from .walk import PassStats
 
@@ -199,8 +199,8 @@ class StagingSink:
         """Normalize on the event loop (it needs the GIL anyway: a thread would only add
         switching), then write the Parquet files in a thread (pyarrow releases the GIL)."""
         t0 = time.perf_counter()
-        tables = staged_tables([(p.seq, p.number, p.parsed) for p in pages
-                                if not isinstance(p.parsed, PageDigest)])  # see put
+        tables = staged_tables([(p.seq, p.number, cast(ParsedPage, p.parsed))  # see put
+                                for p in pages])
         await asyncio.to_thread(self.stage.add, tables)
         self.seconds += time.perf_counter() - t0
 
