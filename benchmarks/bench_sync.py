@@ -7,7 +7,7 @@ adaptive concurrency against a rate-limited and a latency-bound simulator.
 The simulator runs in its own process (so it does not share our GIL), commanded over a pipe.
 Each sync runs as a child process (``python -m runs_etl sync``): its wall time includes
 interpreter start-up and imports; its CPU time includes its validation workers', and its peak
-memory is the most it and its workers held at once (RSS and PSS, sampled every 10 ms). The
+memory is the most it and its workers held at once (RSS and PSS, sampled). The
 *fetch floor* is
 the fastest honest client: bare httpx, every body parsed with orjson, against the same simulator
 in the same run, at 4, 8 and the sync's concurrency ceiling; the fastest counts. A lower floor
@@ -202,10 +202,10 @@ def _sync(url: str, db: Path, *extra: str, lake_env: dict | None = None) -> dict
 
 
 class _TreeRss:
-    """Samples the memory of a process and its children (the sync's validation workers) every
-    10 ms, keeping the largest sums (KiB): of their RSS, and of their PSS (shared pages, such
-    as the libraries every process maps, counted once: the memory the tree really held).
-    ``wait4`` only knows one process at a time."""
+    """Samples the memory of a process and its children (the sync's validation workers),
+    keeping the largest sums (KiB): of their RSS (every 10 ms), and of their PSS (every 100 ms:
+    shared pages, such as the libraries every process maps, counted once, so the memory the
+    tree really held). ``wait4`` only knows one process at a time."""
 
     def __init__(self, pid: int):
         self.pid, self.peak, self.peak_pss = pid, 0, 0
@@ -214,10 +214,14 @@ class _TreeRss:
         self._thread.start()
 
     def _run(self) -> None:
+        n = 0
         while not self._done.wait(0.01):
             tree = [self.pid, *_children(self.pid)]
             self.peak = max(self.peak, sum(_status_kib(p, "VmRSS:") for p in tree))
-            if len(tree) > 1:  # alone, its PSS is no figure ru_maxrss does not give
+            # PSS every 100 ms only: reading smaps_rollup walks a process's memory map under
+            # its lock, which stalls the process (every 10 ms it slowed the sync measurably).
+            n += 1
+            if len(tree) > 1 and n % 10 == 0:  # alone, ru_maxrss says it all
                 self.peak_pss = max(self.peak_pss, sum(_pss_kib(p) for p in tree))
 
     def stop(self) -> None:

@@ -23,6 +23,7 @@ from runs_etl.engine import parallel
 from runs_etl.engine.models import EnvelopeError, PageDigest, parse_page
 from runs_etl.engine.normalize import STAGED_SCHEMAS, staged_tables
 from runs_etl.engine.parallel import START_AT_PAGE, ValidationPool
+from runs_etl.engine.staging import Stage, StagingSink
 from runs_etl.errors import WarehouseError, WorkerError
 from runs_etl.jobs import run_syncs
 
@@ -42,6 +43,7 @@ def a_page(first: int, *, bad: bool = False) -> bytes:
 async def validated(pool: ValidationPool, folder: Path, seq: int, body: bytes,
                     number: int = START_AT_PAGE) -> PageDigest:
     """``pool.parse`` once a worker is ready (None until then: the caller validates)."""
+    pool.start()
     deadline = time.monotonic() + 60
     while (digest := await pool.parse(folder, seq, number, body)) is None:
         assert time.monotonic() < deadline, "no validation worker became ready"
@@ -88,13 +90,18 @@ def test_a_worker_stages_exactly_what_the_sync_would_stage_itself(tmp_path):
     assert not list(tmp_path.glob(".*.part")), "a half-written file was left behind"
 
 
-def test_short_walks_start_no_worker_and_a_body_that_is_no_page_is_told(tmp_path):
+def test_only_a_long_full_walk_starts_workers_and_a_body_that_is_no_page_is_told(tmp_path):
     async def main():
         pool = ValidationPool(1, batch_pages=5)
+        sink = StagingSink(Stage(duckdb.connect(), 1, tmp_path), 5, pool)
         try:
-            # Below START_AT_PAGE the pool stays idle: the sync validates itself.
-            assert await pool.parse(tmp_path, 1, START_AT_PAGE - 1, a_page(1)) is None
+            # Until a full walk announces enough pages the pool stays idle: the sync validates.
+            for pages in (None, 1, START_AT_PAGE - 1):
+                sink.expect(pages)
+                assert await pool.parse(tmp_path, 1, START_AT_PAGE, a_page(1)) is None
             assert pool._starting is None
+            sink.expect(START_AT_PAGE)
+            assert pool._starting is not None
             await validated(pool, tmp_path, 2, a_page(1))
             with pytest.raises(EnvelopeError):
                 await pool.parse(tmp_path, 3, START_AT_PAGE + 1, b'{"detail": "maintenance"}')

@@ -2,8 +2,9 @@
 
 pydantic, msgspec and the Python that builds Arrow columns hold the GIL, so in one process a
 walk is bound to one core: ~2.3 ms of validating, normalizing and staging per page of 100 runs
-against ~1.1 ms of HTTP. Once a walk reaches page ``START_AT_PAGE`` (short walks, such as
-incremental syncs, never do), the sync starts ``sync.parse_workers`` worker processes. Until
+against ~1.1 ms of HTTP. When a full walk begins on a source of ``START_AT_PAGE`` pages or more
+(short walks, and incremental ones, never start them: ``staging.StagingSink.expect``), the sync
+starts ``sync.parse_workers`` worker processes. Until
 one is ready (a fresh interpreter: ~0.15 s of imports) pages are validated in the sync's own
 process as before; from then the sync's process fetches, and hands each body to the least busy
 worker, which validates it with the same ``models.parse_page``, stages it with the same
@@ -49,7 +50,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("runs_etl.parallel")
 
-# A walk this long starts the workers: below it, their start-up costs more than they save.
+# A full walk this long starts the workers: below it, their start-up costs more than they save.
 START_AT_PAGE = 20
 # Seconds a worker gets to exit once its stdin is closed, before it is killed.
 EXIT_WAIT = 5.0
@@ -101,6 +102,7 @@ class ValidationPool:
         self._failure: BaseException | None = None
         self._closing = False
         self.pages = 0  # validated by the workers
+        self.start_at_pages = START_AT_PAGE
 
     def parser_for(self, folder: Path) -> PageParser:
         """The client's page parser for a walk staging into ``folder``."""
@@ -111,14 +113,10 @@ class ValidationPool:
     async def parse(self, folder: Path, seq: int, number: int, body: bytes
                     ) -> PageDigest | None:
         """Page ``number``'s ``body`` (arrival ``seq``) validated and staged by a worker: its
-        digest; None while no worker is ready (the caller validates it in process). Raises
-        ``EnvelopeError`` for a body that is not a page envelope."""
+        digest; None while no worker is ready, or none was started (the caller validates it
+        in process). Raises ``EnvelopeError`` for a body that is not a page envelope."""
         if self._failure is not None:
             raise self._failure
-        if self._starting is None:
-            if number >= START_AT_PAGE and self.size > 0:
-                self._starting = asyncio.ensure_future(self._start())
-            return None
         ready = [w for w in self._workers if w.ready]
         if not ready:
             return None
@@ -132,6 +130,12 @@ class ValidationPool:
 
             raise EnvelopeError(reply[1])
         raise self._failed(reply)
+
+    def start(self) -> None:
+        """Start the workers (once), in the background: pages are validated in process until
+        one is ready."""
+        if self._starting is None and self.size > 0:
+            self._starting = asyncio.ensure_future(self._start())
 
     async def flush(self, folder: Path) -> None:
         """Wait until every page validated for ``folder`` is written (and raise what writing

@@ -143,6 +143,12 @@ class StagingSink:
             self._consumer = asyncio.ensure_future(self._consume(self._queue))
         return self._queue, self._consumer
 
+    def expect(self, pages: int | None) -> None:
+        """A walk of about ``pages`` pages begins: a long one starts the validation workers
+        (``parallel.START_AT_PAGE``); short walks, and incremental ones, never do."""
+        if self.pool is not None and pages is not None and pages >= self.pool.start_at_pages:
+            self.pool.start()
+
     async def put(self, page: FetchedPage) -> None:
         """Queue ``page``; raises what staging raised if the consumer has died, also while
         waiting for room (else every worker would wait on a full queue nobody drains)."""

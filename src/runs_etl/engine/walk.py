@@ -53,6 +53,7 @@ class PassStats:
 
 
 class PageSink(Protocol):
+    def expect(self, pages: int | None) -> None: ...
     async def put(self, page: FetchedPage) -> None: ...
     async def flush(self) -> None: ...
     async def pass_stats(self, first_seq: int, last_seq: int,
@@ -251,6 +252,7 @@ async def full_walk(client: ApiClient, sink: PageSink, *, workers: int, max_page
         first = await client.fetch_page(1)
         if report.total_start is None:
             report.total_start = storable(first.parsed.total)
+        sink.expect(first.parsed.pages)  # the pages a full walk will read, as far as known
         progress.start_pass(number, first.parsed.pages)
         state = _Pass(page_size=client.page_size)
         # Re-walks of a newest-first source go one page at a time: a sequential walk of such
