@@ -115,6 +115,23 @@ def test_only_a_long_full_walk_starts_workers_and_a_body_that_is_no_page_is_told
     asyncio.run(main())
 
 
+def test_when_every_worker_is_behind_the_sync_validates_the_next_page_itself(tmp_path):
+    async def main():
+        pool = ValidationPool(1, batch_pages=50)
+        try:
+            await validated(pool, tmp_path, 1, a_page(1))
+            pool.share_at = 1
+            first = asyncio.ensure_future(pool.parse(tmp_path, 2, START_AT_PAGE, a_page(10)))
+            await asyncio.sleep(0)  # its request is on its way: the worker has one page waiting
+            assert await pool.parse(tmp_path, 3, START_AT_PAGE, a_page(20)) is None
+            assert isinstance(await first, PageDigest)
+            assert await pool.parse(tmp_path, 4, START_AT_PAGE, a_page(30)) is not None
+        finally:
+            await pool.aclose()
+
+    asyncio.run(main())
+
+
 def test_a_worker_that_dies_fails_the_walk_with_a_clear_error(tmp_path):
     async def main():
         pool = ValidationPool(1, batch_pages=50)
