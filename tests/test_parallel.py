@@ -115,97 +115,86 @@ def test_only_a_long_full_walk_starts_workers_and_a_body_that_is_no_page_is_told
     asyncio.run(main())
 
 
-def test_when_every_worker_is_behind_the_sync_validates_the_next_page_itself(tmp_path):
+def with_a_ready_worker(folder: Path, check):
+    """Run ``await check(pool, worker)`` once a one-worker pool has validated a first page for
+    ``folder`` (held in the worker, not yet written); the pool is closed after. Returns what
+    ``check`` returned and the worker's process."""
     async def main():
         pool = ValidationPool(1, batch_pages=50)
         try:
-            await validated(pool, tmp_path, 1, a_page(1))
-            pool.share_at = 1
-            first = asyncio.ensure_future(pool.parse(tmp_path, 2, START_AT_PAGE, a_page(10)))
-            await asyncio.sleep(0)  # its request is on its way: the worker has one page waiting
-            assert await pool.parse(tmp_path, 3, START_AT_PAGE, a_page(20)) is None
-            assert isinstance(await first, PageDigest)
-            assert await pool.parse(tmp_path, 4, START_AT_PAGE, a_page(30)) is not None
+            await validated(pool, folder, 1, a_page(1))
+            [worker] = pool._workers
+            return await check(pool, worker), worker.proc
         finally:
             await pool.aclose()
 
-    asyncio.run(main())
+    return asyncio.run(main())
+
+
+async def killed(worker) -> None:
+    os.kill(worker.proc.pid, signal.SIGKILL)
+    await asyncio.wait_for(worker.reader, 10)  # the pool has seen it go
+
+
+def test_when_every_worker_is_behind_the_sync_validates_the_next_page_itself(tmp_path):
+    async def check(pool, worker):
+        pool.share_at = 1
+        first = asyncio.ensure_future(pool.parse(tmp_path, 2, START_AT_PAGE, a_page(10)))
+        await asyncio.sleep(0)  # its request is on its way: the worker has one page waiting
+        assert await pool.parse(tmp_path, 3, START_AT_PAGE, a_page(20)) is None
+        assert isinstance(await first, PageDigest)
+        assert await pool.parse(tmp_path, 4, START_AT_PAGE, a_page(30)) is not None
+
+    with_a_ready_worker(tmp_path, check)
 
 
 def test_a_worker_that_dies_fails_the_walk_with_a_clear_error(tmp_path):
-    async def main():
-        pool = ValidationPool(1, batch_pages=50)
-        try:
-            await validated(pool, tmp_path, 1, a_page(1))  # held in the worker, not yet written
-            [worker] = pool._workers
-            os.kill(worker.proc.pid, signal.SIGKILL)
-            await asyncio.wait_for(worker.proc.wait(), 10)
-            with pytest.raises(WorkerError) as info:
-                for _ in range(100):  # until its reader has seen it go
-                    await pool.parse(tmp_path, 2, START_AT_PAGE, a_page(9))
-                    await asyncio.sleep(0.05)
-            return str(info.value)
-        finally:
-            await pool.aclose()
+    async def check(pool, worker):
+        await killed(worker)
+        with pytest.raises(WorkerError) as info:
+            await pool.parse(tmp_path, 2, START_AT_PAGE, a_page(9))
+        return str(info.value)
 
-    text = asyncio.run(main())
+    text, _ = with_a_ready_worker(tmp_path, check)
     assert "killed by SIGKILL" in text and "nothing was committed" in text
     assert "sync.parse_workers" in text
 
 
 def test_a_flush_after_a_worker_died_fails_at_once_instead_of_waiting_forever(tmp_path):
-    async def main():
-        pool = ValidationPool(1, batch_pages=50)
-        try:
-            await validated(pool, tmp_path, 1, a_page(1))
-            [worker] = pool._workers
-            os.kill(worker.proc.pid, signal.SIGKILL)
-            await asyncio.wait_for(worker.reader, 10)  # the pool has seen it go
-            with pytest.raises(WorkerError):
-                await asyncio.wait_for(pool.flush(tmp_path), 10)
-        finally:
-            await pool.aclose()
+    async def check(pool, worker):
+        await killed(worker)
+        with pytest.raises(WorkerError):
+            await asyncio.wait_for(pool.flush(tmp_path), 10)
 
-    asyncio.run(main())
+    with_a_ready_worker(tmp_path, check)
 
 
 def test_workers_leave_the_signals_that_stop_a_sync_to_the_sync(tmp_path):
     """systemd stops a service with SIGTERM to every process in it, and Ctrl-C reaches the
     whole process group: the sync decides (finish, or unwind); its workers carry on."""
-    async def main():
-        pool = ValidationPool(1, batch_pages=50)
-        try:
-            await validated(pool, tmp_path, 1, a_page(1))
-            [worker] = pool._workers
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                os.kill(worker.proc.pid, sig)
-            await asyncio.sleep(0.2)
-            await validated(pool, tmp_path, 2, a_page(50))
-            await pool.flush(tmp_path)
-            assert worker.proc.returncode is None
-        finally:
-            await pool.aclose()
+    async def check(pool, worker):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            os.kill(worker.proc.pid, sig)
+        await asyncio.sleep(0.2)
+        await validated(pool, tmp_path, 2, a_page(50))
+        await pool.flush(tmp_path)
+        assert worker.proc.returncode is None
 
-    asyncio.run(main())
+    with_a_ready_worker(tmp_path, check)
     assert len(staged(tmp_path, "runs")) == 10
 
 
 def test_a_worker_that_cannot_write_its_batches_says_where(tmp_path):
     gone = tmp_path / "no-such-folder"
 
-    async def main():
-        pool = ValidationPool(1, batch_pages=50)
-        try:
-            await validated(pool, gone, 1, a_page(1))
-            with pytest.raises(WarehouseError) as info:
-                await pool.flush(gone)
-            return str(info.value), [w.proc for w in pool._workers]
-        finally:
-            await pool.aclose()
+    async def check(pool, worker):
+        with pytest.raises(WarehouseError) as info:
+            await pool.flush(gone)
+        return str(info.value)
 
-    text, procs = asyncio.run(main())
+    text, proc = with_a_ready_worker(gone, check)
     assert "cannot write the sync's staged batches in" in text and str(gone) in text
-    assert all(p.returncode is not None for p in procs), "a worker outlived its pool"
+    assert proc.returncode is not None, "a worker outlived its pool"
 
 
 def test_the_default_leaves_the_sync_a_cpu_of_its_own(monkeypatch):
