@@ -261,7 +261,7 @@ class PageDigest:
     def of(cls, page: ParsedPage) -> PageDigest:
         one_us = timedelta(microseconds=1)
         created = [utc(r.created_at) for r in page.runs]
-        order = page.order()
+        order = order_of(created)
         if order is not None:  # with datetime's own UTC, which pickles far cheaper
             order = (order[0].astimezone(UTC), order[1].astimezone(UTC), order[2])
         return cls([RunKey(r.id, (t - _EPOCH) // one_us, r.status)

@@ -108,7 +108,6 @@ class ValidationPool:
         self._failure: BaseException | None = None
         self._closing = False
         self.pages = 0  # validated by the workers
-        self.start_at_pages = START_AT_PAGE
         self.share_at = SHARE_AT
 
     def parser_for(self, folder: Path) -> PageParser:
@@ -139,6 +138,12 @@ class ValidationPool:
 
             raise EnvelopeError(reply[1])
         raise self._failed(reply)
+
+    def expect(self, pages: int | None) -> None:
+        """A full walk of about ``pages`` pages begins: start the workers if it is long enough
+        (``START_AT_PAGE``) to pay for them."""
+        if pages is not None and pages >= START_AT_PAGE:
+            self.start()
 
     def start(self) -> None:
         """Start the workers (once), in the background: pages are validated in process until

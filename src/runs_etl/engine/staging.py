@@ -144,10 +144,10 @@ class StagingSink:
         return self._queue, self._consumer
 
     def expect(self, pages: int | None) -> None:
-        """A walk of about ``pages`` pages begins: a long one starts the validation workers
-        (``parallel.START_AT_PAGE``); short walks, and incremental ones, never do."""
-        if self.pool is not None and pages is not None and pages >= self.pool.start_at_pages:
-            self.pool.start()
+        """A full walk of about ``pages`` pages begins (incremental walks never say so): the
+        validation workers start if it is long (``ValidationPool.expect``)."""
+        if self.pool is not None:
+            self.pool.expect(pages)
 
     async def put(self, page: FetchedPage) -> None:
         """Queue ``page``; raises what staging raised if the consumer has died, also while
