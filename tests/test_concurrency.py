@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from runs_etl.engine.concurrency import (
+    GAP_MAX,
     INITIAL_LIMIT,
     LATENCY_FLOOR,
     Limiter,
@@ -174,3 +175,18 @@ def test_a_cancelled_waiter_passes_its_wake_up_on():
         return second.done()
 
     assert asyncio.run(go())
+
+
+@pytest.mark.parametrize("share", [0.08, 0.5])
+def test_a_server_throttling_at_random_slows_the_sends_but_never_stops_them(share):
+    """An unhealthy server answering 503 / 429 to a share of requests whatever the pace: the
+    pacing settles (8%: below the one-in-nine the gap balances at) or stays at GAP_MAX (half
+    of them); it does not grow without end. It once did, and a sync stood still."""
+    lim, clock = limiter(16)
+    every = round(1 / share)
+    for i in range(2000):
+        round_trip(lim, clock, 0.005, n=1, overloaded=(i % every == 0))
+        assert lim.gap <= GAP_MAX
+    if share < 0.1:
+        assert lim.gap < 0.01
+    assert clock.now - 100.0 < 2000 * (0.005 + GAP_MAX)
