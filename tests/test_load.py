@@ -347,6 +347,28 @@ def test_the_same_pages_upserted_twice_equal_once(pages, later):
     con.close()
 
 
+@PROPERTY
+@given(pages_of_changing_runs())
+def test_a_first_load_writes_what_the_general_upsert_writes(pages):
+    """A workspace's first load takes a shorter path (there is nothing to compare with): its
+    runs, nodes and counts are those the general upsert writes for the same pages."""
+    first, general = new_con(), new_con()
+    counts = upsert(first, 1, pages)
+    other = make_run(900)  # the warehouse holds a run of the workspace: the general path
+    upsert(general, 1, [(1, [other])])
+    general_counts = upsert(general, 2, pages)
+    assert (counts.rows_new, counts.rows_updated, counts.rows_unchanged, counts.rows_undeleted) \
+        == (general_counts.rows_new, 0, 0, 0)
+    assert counts.rows_new == len({r["id"] for _, runs in pages for r in runs})
+    theirs = snapshot(general, system=False)
+    assert snapshot(first, system=False)["runs"] == [
+        r for r in theirs["runs"] if r[0] != other["id"]]
+    assert snapshot(first, system=False)["run_nodes"] == [
+        n for n in theirs["run_nodes"] if n[0] != other["id"]]
+    first.close()
+    general.close()
+
+
 @st.composite
 def batching(draw, n: int):
     """A staging order of pages 0..n-1 cut into consecutive batches."""

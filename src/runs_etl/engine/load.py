@@ -76,8 +76,32 @@ def apply_staged(con, result: SyncResult, workspace: str, gone_ids: list[str], *
 def merge(con, workspace: str, sync_id: int, *, at: datetime | None = None) -> MergeCounts:
     """Upsert the freshest staged snapshot of every run and workflow of ``workspace``. Rows are
     stamped with the transaction's time, or ``at`` (a replay repeats the original load's)."""
-    cols = RUN_COLUMNS
     p = {"ws": workspace, "sync": sync_id, "at": at}
+    (holds_runs,) = con.execute("SELECT EXISTS (SELECT 1 FROM runs WHERE workspace = $ws)",
+                                {"ws": workspace}).fetchall()[0]
+    if holds_runs:
+        _upsert_runs(con, workspace, p)
+    else:
+        _insert_first_runs(con, p)
+    # One row per element of node_ids of the runs just written, read back from the table (the
+    # two set-returning functions advance together: element i at position i - 1).
+    con.execute("""
+        INSERT INTO run_nodes (workspace, run_id, position, node_id)
+        SELECT $ws, r.id, generate_subscripts(r.node_ids, 1) - 1, unnest(r.node_ids)
+        FROM runs r JOIN run_changes d ON r.id = d.id
+        WHERE r.workspace = $ws AND d.change <> 'unchanged'""", {"ws": workspace})
+    new, updated, unchanged, undeleted = con.execute("""
+        SELECT count(*) FILTER (change = 'new'), count(*) FILTER (change = 'updated'),
+               count(*) FILTER (change = 'unchanged'), count(*) FILTER (undeleted)
+        FROM run_changes""").fetchall()[0]
+    wf_new, wf_updated = _merge_workflows(con, workspace, sync_id, at)
+    return MergeCounts(new, updated, unchanged, undeleted, wf_new, wf_updated)
+
+
+def _upsert_runs(con, workspace: str, p: dict) -> None:
+    """Classify each staged run against the warehouse (``run_changes``: new, updated or
+    unchanged), then rewrite the new and updated ones with their nodes removed."""
+    cols = RUN_COLUMNS
     # Narrow first: each run's latest sighting with the few columns kept here. Only runs the
     # warehouse already holds are compared column by column (a first sync reads no wide
     # column here, where a join of every column cost ~60 MB of memory at 100k runs).
@@ -109,19 +133,21 @@ def merge(con, workspace: str, sync_id: int, *, at: datetime | None = None) -> M
         WHERE d.change <> 'unchanged'""", p)
     con.execute("DELETE FROM run_nodes WHERE workspace = $ws AND run_id IN "
                 "(SELECT id FROM run_changes WHERE change = 'updated')", {"ws": workspace})
-    # One row per element of node_ids of the runs just written, read back from the table (the
-    # two set-returning functions advance together: element i at position i - 1).
-    con.execute("""
-        INSERT INTO run_nodes (workspace, run_id, position, node_id)
-        SELECT $ws, r.id, generate_subscripts(r.node_ids, 1) - 1, unnest(r.node_ids)
-        FROM runs r JOIN run_changes d ON r.id = d.id
-        WHERE r.workspace = $ws AND d.change <> 'unchanged'""", {"ws": workspace})
-    new, updated, unchanged, undeleted = con.execute("""
-        SELECT count(*) FILTER (change = 'new'), count(*) FILTER (change = 'updated'),
-               count(*) FILTER (change = 'unchanged'), count(*) FILTER (undeleted)
-        FROM run_changes""").fetchall()[0]
-    wf_new, wf_updated = _merge_workflows(con, workspace, sync_id, at)
-    return MergeCounts(new, updated, unchanged, undeleted, wf_new, wf_updated)
+
+
+def _insert_first_runs(con, p: dict) -> None:
+    """A workspace's first load (its warehouse holds none of its runs): every staged run is new,
+    so the freshest sighting of each is written straight from the staged files, without the
+    join that pairs each one with its classification (~30% of a 100k-run first load)."""
+    latest = "FROM stage_runs QUALIFY _seq = max(_seq) OVER (PARTITION BY id)"
+    con.execute(f"""
+        CREATE OR REPLACE TEMP TABLE run_changes AS
+        SELECT id, _seq, NULL::TIMESTAMPTZ AS _first_seen_at, 'new' AS change,
+               false AS undeleted, {_list(HISTORY_COLUMNS)} {latest}""")
+    con.execute(f"""
+        INSERT INTO runs (workspace, {_list(RUN_COLUMNS)}, _first_seen_at, _synced_at,
+                          _deleted_at, _sync_id)
+        SELECT $ws, {_list(RUN_COLUMNS)}, {_NOW}, {_NOW}, NULL, $sync {latest}""", p)
 
 
 def _merge_workflows(con, workspace: str, sync_id: int, at: datetime | None) -> tuple[int, int]:
