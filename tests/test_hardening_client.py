@@ -8,6 +8,7 @@ import asyncio
 import errno
 import logging
 import re
+import ssl
 
 import duckdb
 import httpx
@@ -16,7 +17,7 @@ from fakeapi import API_KEY, Sleeps, fetch_page_1
 from faultserver import HOSTILE, FaultServer, Reply, bad_gzip, json_reply, page, redirect
 
 from runs_etl.config import load_settings, redact_url
-from runs_etl.engine.client import MAX_REDIRECTS, ApiClient, FetchedPage
+from runs_etl.engine.client import MAX_REDIRECTS, ApiClient, FetchedPage, tls_verification
 from runs_etl.engine.models import ParsedPage
 from runs_etl.engine.staging import StagingSink
 from runs_etl.engine.sync import sync
@@ -178,6 +179,22 @@ def test_an_unreadable_ca_bundle_is_a_config_error(tmp_path):
                            ca_bundle=str(tmp_path / "missing.pem"))
     with pytest.raises(ConfigError, match="api.ca_bundle"):
         ApiClient.from_settings(settings)
+
+
+def test_a_plain_http_api_skips_the_ca_bundle_but_never_verifies_nothing(tmp_path,
+                                                                        monkeypatch):
+    for var in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(var, raising=False)
+        monkeypatch.delenv(var.upper(), raising=False)
+    ctx = tls_verification(settings_at("http://127.0.0.1:9", tmp_path).api)
+    # No TLS is opened for it; were one ever, the handshake fails: hostnames checked, no CA.
+    assert isinstance(ctx, ssl.SSLContext)
+    assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
+    assert ctx.cert_store_stats()["x509_ca"] == 0
+    # An https API, or any API behind a proxy (which may itself be https), verifies as before.
+    assert tls_verification(settings_at("https://api.example.com", tmp_path).api) is True
+    monkeypatch.setenv("HTTP_PROXY", "https://proxy.example.com:3128")
+    assert tls_verification(settings_at("http://127.0.0.1:9", tmp_path).api) is True
 
 
 # --- 7. a total deadline per request ------------------------------------------------------------

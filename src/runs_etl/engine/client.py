@@ -20,11 +20,12 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from enum import Enum
 from typing import Any, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
+from urllib.request import getproxies
 
 import httpx
 
-from ..config import DEFAULT_MAX_RESPONSE_BYTES, Settings, redact_url
+from ..config import DEFAULT_MAX_RESPONSE_BYTES, ApiSettings, Settings, redact_url
 from ..errors import (
     AuthError,
     ConfigError,
@@ -126,6 +127,23 @@ class FetchedPage:
         return len(self.parsed.runs) + len(self.parsed.rejected)
 
 
+def tls_verification(api: ApiSettings) -> ssl.SSLContext | bool:
+    """What checks the API's certificates: ``api.ca_bundle`` when set, else httpx's default
+    (certifi's bundle). An ``http://`` API reached without a proxy opens no TLS connection
+    (redirects are followed within the same origin only), so loading the bundle, ~30 ms per
+    client that cron pays on every run, would buy nothing: it gets a context that trusts no
+    certificate instead, with which any handshake would fail, never pass unverified."""
+    if api.ca_bundle is not None:
+        try:
+            return ssl.create_default_context(cafile=str(api.ca_bundle))
+        except (OSError, ssl.SSLError) as e:
+            raise ConfigError([f"api.ca_bundle: cannot load {api.ca_bundle}: "
+                               f"{getattr(e, 'strerror', None) or e}"]) from None
+    if urlsplit(api.url).scheme.lower() == "http" and not getproxies():
+        return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies hostnames, trusts no CA
+    return True
+
+
 @dataclass
 class ApiClient:
     """Fetch pages and single runs through an ``httpx.AsyncClient`` (inject a MockTransport)."""
@@ -159,13 +177,6 @@ class ApiClient:
     def from_settings(cls, settings: Settings, transport: httpx.AsyncBaseTransport | None = None,
                       shared: asyncio.Semaphore | None = None):
         api = settings.api
-        verify: ssl.SSLContext | bool = True
-        if api.ca_bundle is not None:
-            try:
-                verify = ssl.create_default_context(cafile=str(api.ca_bundle))
-            except (OSError, ssl.SSLError) as e:
-                raise ConfigError([f"api.ca_bundle: cannot load {api.ca_bundle}: "
-                                   f"{getattr(e, 'strerror', None) or e}"]) from None
         http = httpx.AsyncClient(
             base_url=api.url.rstrip("/"),
             headers={"X-API-Key": settings.api_key(), "User-Agent": USER_AGENT},
@@ -173,7 +184,7 @@ class ApiClient:
             limits=httpx.Limits(max_connections=api.concurrency,
                                 max_keepalive_connections=api.concurrency),
             transport=transport,
-            verify=verify,
+            verify=tls_verification(api),
             follow_redirects=False,  # _exchange follows same-origin redirects only
         )
         return cls(http, api.page_size, api.concurrency, api.max_attempts, api.backoff_base,
