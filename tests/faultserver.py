@@ -8,11 +8,15 @@ server did (or did not) receive. Threaded; ``stop()`` never waits on a slow body
 from __future__ import annotations
 
 import json
+import ssl
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from ipaddress import ip_address
+from pathlib import Path
 
 from fakeapi import make_runs
 
@@ -52,13 +56,41 @@ def redirect(location: str, status: int = 307) -> Reply:
     return Reply(status, b"", {"Location": location})
 
 
+def self_signed(folder) -> tuple[Path, ssl.SSLContext]:
+    """A certificate for 127.0.0.1 signed by nobody a client trusts: its PEM file (to trust it
+    through ``api.ca_bundle``) and a server context that presents it."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.now(UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = Path(folder) / "cert.pem", Path(folder) / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(cert_file, key_file)
+    return cert_file, server
+
+
 def bad_gzip() -> Reply:
     return Reply(200, b"this is not gzip at all", {"Content-Encoding": "gzip",
                                                    "Content-Type": "application/json"})
 
 
 class FaultServer:
-    def __init__(self, respond: Callable[[Request], Reply]):
+    def __init__(self, respond: Callable[[Request], Reply], *, tls: ssl.SSLContext | None = None):
         self.respond = respond
         self.requests: list[Request] = []
         server = self
@@ -101,8 +133,18 @@ class FaultServer:
         # A client that hangs up mid-body (as it should on a huge or slow one) is no news: no
         # traceback on stderr, where the tests look for the product's.
         self._httpd.handle_error = lambda request, client_address: None  # type: ignore
+        self.connections = 0  # connections accepted (with ``tls``: TLS handshakes attempted)
+        accept = self._httpd.get_request
+
+        def counted():
+            self.connections += 1
+            return accept()
+
+        self._httpd.get_request = counted  # type: ignore[method-assign]
+        if tls is not None:  # the handshake happens as each connection is accepted
+            self._httpd.socket = tls.wrap_socket(self._httpd.socket, server_side=True)
         self.port = self._httpd.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
 
     def __enter__(self) -> FaultServer:

@@ -14,7 +14,16 @@ import duckdb
 import httpx
 import pytest
 from fakeapi import API_KEY, Sleeps, fetch_page_1
-from faultserver import HOSTILE, FaultServer, Reply, bad_gzip, json_reply, page, redirect
+from faultserver import (
+    HOSTILE,
+    FaultServer,
+    Reply,
+    bad_gzip,
+    json_reply,
+    page,
+    redirect,
+    self_signed,
+)
 
 from runs_etl.config import load_settings, redact_url
 from runs_etl.engine.client import MAX_REDIRECTS, ApiClient, FetchedPage, tls_verification
@@ -195,6 +204,20 @@ def test_a_plain_http_api_skips_the_ca_bundle_but_never_verifies_nothing(tmp_pat
     assert tls_verification(settings_at("https://api.example.com", tmp_path).api) is True
     monkeypatch.setenv("HTTP_PROXY", "https://proxy.example.com:3128")
     assert tls_verification(settings_at("http://127.0.0.1:9", tmp_path).api) is True
+
+
+def test_a_certificate_that_does_not_verify_fails_at_once_naming_the_fix(tmp_path):
+    cert, tls = self_signed(tmp_path)
+    with FaultServer(lambda r: page(3), tls=tls) as api:
+        with pytest.raises(FatalApiError, match=r"cannot verify the TLS certificate of https://"
+                                                r".*not retried.*api\.ca_bundle"):
+            fetch(settings_at(api.url, tmp_path))
+        assert api.connections == 1  # one handshake: a certificate does not fix itself
+        assert api.requests == []  # the key never left over an unverified connection
+        # The same server, its certificate trusted through api.ca_bundle: verified and read.
+        parsed, _ = fetch(settings_at(api.url, tmp_path, ca_bundle=str(cert)))
+        assert len(parsed.parsed.runs) == 3
+        assert len(api.requests) == 1
 
 
 # --- 7. a total deadline per request ------------------------------------------------------------

@@ -37,6 +37,7 @@ from .concurrency import Limiter
 from .models import EnvelopeError, PageDigest, ParsedPage, parse_page, parse_run
 
 T = TypeVar("T")
+E = TypeVar("E", bound=BaseException)
 
 RUNS_PATH = "/v1/runs"
 USER_AGENT = "runs-etl/0.1"
@@ -125,6 +126,19 @@ class FetchedPage:
     @property
     def count(self) -> int:
         return len(self.parsed.runs) + len(self.parsed.rejected)
+
+
+def _cause(exc: BaseException, kind: type[E]) -> E | None:
+    """The first exception of type ``kind`` in ``exc``'s chain of causes (httpx wraps
+    httpcore's errors, which wrap the socket's and ssl's)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, kind):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def tls_verification(api: ApiSettings) -> ssl.SSLContext | bool:
@@ -290,6 +304,13 @@ class ApiClient:
             raise RetryableApiError(f"undecodable body from {url}: {self._scrub(e)}", url=url,
                                     page=page) from None
         except httpx.TransportError as e:
+            rejected = _cause(e, ssl.SSLCertVerificationError)
+            if rejected is not None:  # a certificate does not start to verify by itself
+                raise FatalApiError(
+                    f"cannot verify the TLS certificate of {url} "
+                    f"({rejected.verify_message or rejected.reason}); not retried. If the API's "
+                    "certificate comes from a private CA, set api.ca_bundle to that CA's PEM "
+                    "file", url=url, page=page) from None
             raise RetryableApiError(f"cannot reach {url}: {self._scrub(e)}", url=url,
                                     page=page) from None
         request_id = response.headers.get("x-request-id")
