@@ -26,6 +26,7 @@ from faultserver import (
 )
 
 from runs_etl.config import load_settings, redact_url
+from runs_etl.engine import client as client_module
 from runs_etl.engine.client import MAX_REDIRECTS, ApiClient, FetchedPage, tls_verification
 from runs_etl.engine.models import ParsedPage
 from runs_etl.engine.staging import StagingSink
@@ -192,9 +193,8 @@ def test_an_unreadable_ca_bundle_is_a_config_error(tmp_path):
 
 def test_a_plain_http_api_skips_the_ca_bundle_but_never_verifies_nothing(tmp_path,
                                                                         monkeypatch):
-    for var in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
-        monkeypatch.delenv(var, raising=False)
-        monkeypatch.delenv(var.upper(), raising=False)
+    proxies: dict[str, str] = {}  # what the environment (or the OS) says about proxies
+    monkeypatch.setattr(client_module, "getproxies", lambda: proxies)
     ctx = tls_verification(settings_at("http://127.0.0.1:9", tmp_path).api)
     # No TLS is opened for it; were one ever, the handshake fails: hostnames checked, no CA.
     assert isinstance(ctx, ssl.SSLContext)
@@ -202,7 +202,7 @@ def test_a_plain_http_api_skips_the_ca_bundle_but_never_verifies_nothing(tmp_pat
     assert ctx.cert_store_stats()["x509_ca"] == 0
     # An https API, or any API behind a proxy (which may itself be https), verifies as before.
     assert tls_verification(settings_at("https://api.example.com", tmp_path).api) is True
-    monkeypatch.setenv("HTTP_PROXY", "https://proxy.example.com:3128")
+    proxies["http"] = "https://proxy.example.com:3128"
     assert tls_verification(settings_at("http://127.0.0.1:9", tmp_path).api) is True
 
 

@@ -17,10 +17,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from runs_etl import warehouse
-from runs_etl.engine.load import RUN_COLUMNS, WORKFLOW_COLUMNS, MergeCounts, merge
+from runs_etl.engine.load import (
+    RUN_COLUMNS,
+    WORKFLOW_COLUMNS,
+    MergeCounts,
+    apply_staged,
+    merge,
+)
 from runs_etl.engine.models import parse_page
 from runs_etl.engine.normalize import staged_tables
 from runs_etl.engine.staging import Stage
+from runs_etl.warehouse.ledger import SyncResult
 
 PROPERTY = settings(max_examples=15, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -347,24 +354,42 @@ def test_the_same_pages_upserted_twice_equal_once(pages, later):
     con.close()
 
 
+def load(con, sync_id: int, pages: list[tuple[int, list[dict]]], at: datetime) -> SyncResult:
+    """One sync's whole load (``apply_staged``: merge, deletes, history), stamped ``at``."""
+    stage = Stage(con, sync_id)
+    try:
+        for seq, runs in pages:
+            stage.add(staged_tables([(seq, 1, parsed(runs))]))
+        result = SyncResult(sync_id=sync_id)
+        apply_staged(con, result, "default", [], max_fraction=None, started_at=at, at=at)
+        return result
+    finally:
+        stage.close()
+
+
 @PROPERTY
 @given(pages_of_changing_runs())
 def test_a_first_load_writes_what_the_general_upsert_writes(pages):
-    """A workspace's first load takes a shorter path (there is nothing to compare with): its
-    runs, nodes and counts are those the general upsert writes for the same pages."""
+    """A workspace's first load takes a shorter path (there is nothing to compare with): the
+    runs, nodes and history versions it writes, system columns included, and its counts are
+    those the general upsert writes for the same pages."""
+    at = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
     first, general = new_con(), new_con()
-    counts = upsert(first, 1, pages)
     other = make_run(900)  # the warehouse holds a run of the workspace: the general path
-    upsert(general, 1, [(1, [other])])
-    general_counts = upsert(general, 2, pages)
-    assert (counts.rows_new, counts.rows_updated, counts.rows_unchanged, counts.rows_undeleted) \
-        == (general_counts.rows_new, 0, 0, 0)
-    assert counts.rows_new == len({r["id"] for _, runs in pages for r in runs})
-    theirs = snapshot(general, system=False)
-    assert snapshot(first, system=False)["runs"] == [
-        r for r in theirs["runs"] if r[0] != other["id"]]
-    assert snapshot(first, system=False)["run_nodes"] == [
-        n for n in theirs["run_nodes"] if n[0] != other["id"]]
+    load(general, 1, [(1, [other])], at - timedelta(days=1))
+    theirs = load(general, 2, pages, at)
+    ours = load(first, 2, pages, at)
+    counts = ("rows_new", "rows_updated", "rows_unchanged", "rows_undeleted", "workflows_new")
+    assert [getattr(ours, c) for c in counts] == [getattr(theirs, c) for c in counts]
+    assert ours.rows_new == len({r["id"] for _, runs in pages for r in runs})
+
+    def without_other(con) -> dict:
+        tables = snapshot(con) | {"run_history": con.execute(
+            "SELECT * FROM run_history ORDER BY run_id, valid_from").fetchall()}
+        return {name: [r for r in rows if other["id"] not in r and other["workflow_id"] not in r]
+                for name, rows in tables.items()}
+
+    assert without_other(first) == without_other(general)
     first.close()
     general.close()
 

@@ -153,7 +153,7 @@ def tls_verification(api: ApiSettings) -> ssl.SSLContext | bool:
         except (OSError, ssl.SSLError) as e:
             raise ConfigError([f"api.ca_bundle: cannot load {api.ca_bundle}: "
                                f"{getattr(e, 'strerror', None) or e}"]) from None
-    if urlsplit(api.url).scheme.lower() == "http" and not getproxies():
+    if urlsplit(api.url).scheme == "http" and not getproxies():
         return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies hostnames, trusts no CA
     return True
 

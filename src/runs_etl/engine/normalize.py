@@ -76,11 +76,13 @@ class Batch:
 Pages = Sequence[tuple[int, ParsedPage]]
 
 
-def _json_column(texts: Iterable[bytes | None]) -> pa.Array:
+def _json_column(texts: Iterable[bytes | None]) -> pa.ChunkedArray:
     """JSON text as the API sent it (None stays NULL); UTF-8 checked once for the whole column
     by Arrow (a full validation: unlike a cast, it needs no ``pyarrow.compute``, whose import
     cost a validation worker ~35 ms of its start-up and an incremental sync ~25 ms)."""
-    column = pa.array(texts, pa.binary()).view(JSON_TEXT)
+    built = pa.array(texts, pa.binary())
+    chunks = built.chunks if isinstance(built, pa.ChunkedArray) else [built]  # > 2 GiB: several
+    column = pa.chunked_array([c.view(JSON_TEXT) for c in chunks], JSON_TEXT)
     column.validate(full=True)
     return column
 
