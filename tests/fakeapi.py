@@ -162,8 +162,9 @@ class FakeApi:
         if path.startswith("/v1/runs/"):
             wanted = path.rsplit("/", 1)[1]
             for r in self.runs:
-                if r.get("id") == wanted:
-                    return httpx.Response(200, json=r, headers=headers)
+                if r.get("id") == wanted:  # serialized as the pages are (as one API does)
+                    return httpx.Response(200, content=json.dumps(r).encode(),
+                                          headers={**headers, "content-type": "application/json"})
             return httpx.Response(404, json={"detail": "Run not found"}, headers=headers)
         if path != "/v1/runs":
             return httpx.Response(404, json={"detail": "Not Found"}, headers=headers)
