@@ -27,6 +27,7 @@ from runs_etl.engine.load import (
 from runs_etl.engine.models import parse_page
 from runs_etl.engine.normalize import staged_tables
 from runs_etl.engine.staging import Stage
+from runs_etl.warehouse.connect import connect
 from runs_etl.warehouse.ledger import SyncResult
 
 PROPERTY = settings(max_examples=15, deadline=None,
@@ -125,6 +126,47 @@ def test_an_unchanged_run_is_not_rewritten(con):
     after = row(con, A["id"])
     assert after["_sync_id"] == 1
     assert after["_synced_at"] == before["_synced_at"]
+
+
+def _stage_many(con, stage: Stage, n: int, *, changed: int | None = None) -> None:
+    """``n`` runs with API-sized JSON (~0.8 KB each), staged as the walk stages them: files of
+    2000 runs; run ``changed`` (if any) with another status."""
+    for lo in range(0, n, 2000):
+        con.execute(f"""
+            COPY (SELECT 'run-' || i AS id, 'g' AS group_id, 'wf-' || (i % 7) AS workflow_id,
+                         '{{"prompt": "' || repeat(md5(i::VARCHAR), 12) || '"}}' AS input,
+                         ['a-' || i, 'b-' || i] AS node_ids,
+                         CASE WHEN i = {-1 if changed is None else changed}
+                              THEN 'failed' ELSE 'completed' END AS status,
+                         100::INTEGER AS progress,
+                         '[' || repeat('{{"k": "' || md5((i + 1)::VARCHAR) || '"}},', 8)
+                             || '1]' AS definitions,
+                         TIMESTAMPTZ '2026-01-01 00:00:00+00' + to_seconds(i) AS created_at,
+                         TIMESTAMPTZ '2026-01-01 00:01:00+00' + to_seconds(i) AS finished_at,
+                         NULL::VARCHAR AS source, NULL::VARCHAR AS extra,
+                         {lo // 2000 + 1}::BIGINT AS _seq
+                  FROM range({lo}, {min(n, lo + 2000)}) t(i))
+            TO '{stage.dir}/runs-{lo:09d}.parquet' (FORMAT parquet)""")
+
+
+def test_a_full_refresh_of_many_runs_merges_within_a_small_memory_limit(tmp_path):
+    """Each staged run is compared with its stored row by a hash of its columns, computed as
+    each side is read: comparing the wide rows themselves held them all at once, and a full
+    refresh of 100k runs ran out of a 64MB memory_limit (1M runs, of 128MB)."""
+    con = connect(tmp_path / "w.duckdb", memory_limit="64MB")
+    warehouse.migrate(con)
+    n = 100_000
+    for sync_id, changed in ((1, None), (2, 4242)):
+        stage = Stage(con, sync_id)
+        try:
+            _stage_many(con, stage, n, changed=changed)
+            counts = merge(con, "default", sync_id)
+        finally:
+            stage.close()
+    assert (counts.rows_new, counts.rows_updated, counts.rows_unchanged) == (0, 1, n - 1)
+    assert row(con, "run-4242")["status"] == "failed"
+    assert row(con, "run-4242")["_sync_id"] == 2 and row(con, "run-4241")["_sync_id"] == 1
+    con.close()
 
 
 def test_a_change_in_any_column_is_an_update(con):
