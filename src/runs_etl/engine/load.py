@@ -104,21 +104,21 @@ def _upsert_runs(con, workspace: str, p: dict) -> None:
     cols = RUN_COLUMNS
     # Narrow from the start: each run's latest sighting, and each run the warehouse holds, is
     # reduced to its id, the few columns kept here and a 64-bit hash of its data columns as it
-    # is read, so the two sides meet as narrow rows. Equal hashes are an unchanged run (two
-    # different rows hash alike with a chance of 2^-64). Joining the rows themselves, every
-    # column, ran out of a 64MB memory_limit at 100k runs and of 128MB at 1M (staged files of
-    # 5000 runs); this takes half the time there.
+    # is read, so the two sides meet as narrow rows. Joining the rows themselves, every column,
+    # ran out of a 64MB memory_limit at 100k runs and of 128MB at 1M (staged files of 5000
+    # runs); this takes half the time there. See ``_row_hash`` for what equal hashes mean.
     history = _list(HISTORY_COLUMNS, "s.")
-    data = _list(cols)
+    types = dict(con.execute("SELECT column_name, data_type FROM duckdb_columns() "
+                             "WHERE schema_name = 'main' AND table_name = 'runs'").fetchall())
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE run_changes AS
         WITH latest AS (SELECT id, max(_seq) AS _seq FROM stage_runs GROUP BY id),
-        cur AS (SELECT s.id, s._seq, {history}, hash({_list(cols, 's.')}) AS _data
+        cur AS (SELECT s.id, s._seq, {history}, {_row_hash(cols, types, "s.")} AS _data
                 FROM stage_runs s JOIN latest USING (id, _seq)),
         known AS (SELECT c.*, r._first_seen_at, r._deleted_at, r._data AS _stored,
                          r.id IS NOT NULL AS existing
                   FROM cur c LEFT JOIN (SELECT id, _first_seen_at, _deleted_at,
-                                               hash({data}) AS _data
+                                               {_row_hash(cols, types)} AS _data
                                         FROM runs WHERE workspace = $ws) r USING (id))
         SELECT id, _seq, _first_seen_at,
                CASE WHEN NOT existing THEN 'new'
@@ -136,6 +136,19 @@ def _upsert_runs(con, workspace: str, p: dict) -> None:
         WHERE d.change <> 'unchanged'""", p)
     con.execute("DELETE FROM run_nodes WHERE workspace = $ws AND run_id IN "
                 "(SELECT id FROM run_changes WHERE change = 'updated')", {"ws": workspace})
+
+
+def _row_hash(cols: Sequence[str], types: dict[str, str], prefix: str = "") -> str:
+    """SQL for a 64-bit hash of ``cols`` that is equal for a staged and a stored row exactly
+    when their values are (``IS NOT DISTINCT FROM`` column by column), but for a chance of
+    2^-64. Each value is first cast to the stored column's type (JSON as its text), so a staged
+    column typed otherwise cannot make every run look changed; and the hash covers which
+    values are NULL, because DuckDB's ``hash`` (fast, not collision-resistant) gives a NULL
+    list and an empty one the same value."""
+    values = [f"CAST({prefix}{c} AS {'VARCHAR' if types[c] == 'JSON' else types[c]})"
+              for c in cols]
+    nulls = ", ".join(f"{prefix}{c} IS NULL" for c in cols)
+    return f"hash({', '.join(values)}, [{nulls}])"
 
 
 def _insert_first_runs(con, p: dict) -> None:
