@@ -14,6 +14,7 @@ from datetime import datetime
 
 from ..errors import DataError
 from ..warehouse import ledger
+from ..warehouse.connect import column_types
 from ..warehouse.ledger import SyncResult
 from .models import RUN_FIELDS
 from .normalize import RUNS_SCHEMA, WORKFLOWS_SCHEMA, data_columns
@@ -108,8 +109,7 @@ def _upsert_runs(con, workspace: str, p: dict) -> None:
     # ran out of a 64MB memory_limit at 100k runs and of 128MB at 1M (staged files of 5000
     # runs); this takes half the time there. See ``_row_hash`` for what equal hashes mean.
     history = _list(HISTORY_COLUMNS, "s.")
-    types = dict(con.execute("SELECT column_name, data_type FROM duckdb_columns() "
-                             "WHERE schema_name = 'main' AND table_name = 'runs'").fetchall())
+    types = column_types(con, "runs")
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE run_changes AS
         WITH latest AS (SELECT id, max(_seq) AS _seq FROM stage_runs GROUP BY id),

@@ -103,14 +103,19 @@ def sql_string(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
+def column_types(con, table: str) -> dict[str, str]:
+    """``table``'s columns, in order, with their DuckDB types (``JSON``, ``VARCHAR[]``, ...)."""
+    return dict(con.execute("SELECT column_name, data_type FROM duckdb_columns() WHERE "
+                            "schema_name = 'main' AND table_name = ? ORDER BY column_index",
+                            [table]).fetchall())
+
+
 def select_list(con, table: str, *, alias: str = "", drop: Container[str] = ()) -> str:
     """Every column of ``table`` as a select list, JSON cast to text (Parquet and Delta have no
     JSON type), each qualified with ``alias`` (e.g. ``"t."``), those in ``drop`` left out."""
-    cols = con.execute("SELECT column_name, data_type FROM duckdb_columns() "
-                       "WHERE schema_name = 'main' AND table_name = ? ORDER BY column_index",
-                       [table]).fetchall()
     return ", ".join(f'CAST({alias}"{c}" AS VARCHAR) AS "{c}"' if typ == "JSON"
-                     else f'{alias}"{c}"' for c, typ in cols if c not in drop)
+                     else f'{alias}"{c}"' for c, typ in column_types(con, table).items()
+                     if c not in drop)
 
 
 def sql_glob(folder: Path, pattern: str) -> str:
