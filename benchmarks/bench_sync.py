@@ -298,6 +298,30 @@ def _lake(kind: str | None, tmp: Path):
             yield {"RUNS_ETL_LAKE_URI": "s3://bench/lake", **options}
 
 
+def _import_floor(repeat: int = 5) -> list[float]:
+    """Wall seconds of a process that only imports what every sync needs (DuckDB, Arrow with
+    Parquet, httpx, pydantic; the imports runs-etl never uses skipped as the command skips
+    them): the least any `runs-etl sync` process can take, whatever it syncs."""
+    code = ("from runs_etl.unused import skip_unused_imports; skip_unused_imports(); "
+            "import duckdb, httpx, pydantic, pyarrow.parquet")
+    walls = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], check=True)
+        walls.append(time.perf_counter() - t0)
+    return walls
+
+
+def _proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` has used so far (the simulator's)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
 def _startup(db: Path) -> dict:
     """Wall seconds of `runs-etl --help` and `runs-etl status` (on the synced warehouse), 3 each."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RUNS_ETL_")}
@@ -378,15 +402,23 @@ def main(argv=None) -> int:
             fulls, paired = [], []
             for i in range(args.repeat):
                 db = Path(tmp) / f"bench-{i}.duckdb"
+                sim_cpu = _proc_cpu(sim.proc.pid)
                 fulls.append(sync(db))
+                fulls[-1]["simulator_cpu_seconds"] = _proc_cpu(sim.proc.pid) - sim_cpu
                 if "fetch_floor" in report:
                     # The floor again right after: a ratio of two figures taken a few seconds
                     # apart, which the machine's drift over minutes does not skew.
                     floor = _with_cpu(_fetch_floor(sim.url, "sim-key",
                                                    report["fetch_floor"]["concurrency"], 100))
+                    fulls[-1]["paired_floor_seconds"] = floor["seconds"]
                     paired.append(round(fulls[-1]["seconds"] / floor["seconds"], 2))
             if paired:
                 report["paired_ratios"] = paired
+                # What the CPU bound (below) allows against the same floors: the least ratio
+                # any spreading of this work over the CPUs could reach.
+                report["paired_cpu_bound_ratios"] = [
+                    round((f["cpu_seconds"] + f["simulator_cpu_seconds"]) / _cpus()
+                          / f["paired_floor_seconds"], 2) for f in fulls]
             report["full_syncs"] = [round(f["seconds"], 2) for f in fulls]
             report["full_syncs_peak_rss_mb"] = [round(f["peak_tree_rss_mb"]) for f in fulls]
             report["full_syncs_peak_pss_mb"] = [round(f["peak_tree_pss_mb"] or 0) for f in fulls]
@@ -401,12 +433,18 @@ def main(argv=None) -> int:
             report["db_mb"] = db.stat().st_size / 2**20
             if not args.skip_startup:
                 report["startup"] = _startup(db)
+                report["import_floor"] = _import_floor()
             report["uptime_after"] = _load()
     finally:
         sim.stop()
     if not args.skip_adaptive:
         report["adaptive"] = _adaptive(args.rate_limit, args.latency, args.adaptive_pages)
     full = report["full_sync"]
+    # The two cores (simulator and sync share them) do the sync's and the simulator's work in at
+    # least this long, however well it is spread over them.
+    report["cpus"] = _cpus()
+    report["full_cpu_bound_seconds"] = (
+        (full["cpu_seconds"] + full["simulator_cpu_seconds"]) / report["cpus"])
     if "fetch_floor" in report:
         report["full_vs_floor_wall"] = full["seconds"] / report["fetch_floor"]["seconds"]
         report["full_vs_floor_cpu"] = full["cpu_seconds"] / report["fetch_floor"]["cpu_seconds"]
@@ -458,8 +496,17 @@ def main(argv=None) -> int:
         pairs = report["paired_ratios"]
         print(f"each full sync / the floor run right after it: {pairs} (median "
               f"{sorted(pairs)[len(pairs) // 2]:.2f}x)")
+    print(f"full sync's CPU bound: ({full['cpu_seconds']:.2f} s of the sync + "
+          f"{full['simulator_cpu_seconds']:.2f} s of the simulator) / {report['cpus']} CPUs = "
+          f"{report['full_cpu_bound_seconds']:.2f} s (the median sync's; each sync's bound / "
+          f"the floor run right after it: {report.get('paired_cpu_bound_ratios', 'no floor')})")
     if "incremental_time_share_wall" in report:
         print(f"incremental / full (wall): {report['incremental_time_share_wall']:.1%}")
+    if "import_floor" in report:
+        imports = sorted(report["import_floor"])[len(report["import_floor"]) // 2]
+        print(f"import floor (a process importing duckdb, pyarrow.parquet, httpx, pydantic): "
+              f"{min(report['import_floor']):.2f}-{max(report['import_floor']):.2f} s, median "
+              f"{imports:.2f} s = {imports / full['seconds']:.1%} of the full sync")
     if "startup" in report:
         st = report["startup"]
         print(f"--help: {min(st['help']):.2f}-{max(st['help']):.2f} s; "
