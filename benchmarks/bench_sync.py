@@ -440,8 +440,8 @@ def main(argv=None) -> int:
     if not args.skip_adaptive:
         report["adaptive"] = _adaptive(args.rate_limit, args.latency, args.adaptive_pages)
     full = report["full_sync"]
-    # The two cores (simulator and sync share them) do the sync's and the simulator's work in at
-    # least this long, however well it is spread over them.
+    # The CPUs (simulator and sync share them) do the sync's and the simulator's work in at least
+    # this long, however well it is spread over them.
     report["cpus"] = _cpus()
     report["full_cpu_bound_seconds"] = (
         (full["cpu_seconds"] + full["simulator_cpu_seconds"]) / report["cpus"])
