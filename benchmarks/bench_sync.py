@@ -39,6 +39,7 @@ import orjson
 
 from runs_etl.config import DEFAULT_CONCURRENCY
 from runs_etl.engine.client import ApiClient
+from runs_etl.engine.parallel import usable_cpus
 from runs_etl.errors import RetryableApiError
 
 
@@ -318,10 +319,6 @@ def _proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-
-
 def _startup(db: Path) -> dict:
     """Wall seconds of `runs-etl --help` and `runs-etl status` (on the synced warehouse), 3 each."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RUNS_ETL_")}
@@ -417,7 +414,7 @@ def main(argv=None) -> int:
                 # What the CPU bound (below) allows against the same floors: the least ratio
                 # any spreading of this work over the CPUs could reach.
                 report["paired_cpu_bound_ratios"] = [
-                    round((f["cpu_seconds"] + f["simulator_cpu_seconds"]) / _cpus()
+                    round((f["cpu_seconds"] + f["simulator_cpu_seconds"]) / usable_cpus()
                           / f["paired_floor_seconds"], 2) for f in fulls]
             report["full_syncs"] = [round(f["seconds"], 2) for f in fulls]
             report["full_syncs_peak_rss_mb"] = [round(f["peak_tree_rss_mb"]) for f in fulls]
@@ -442,7 +439,7 @@ def main(argv=None) -> int:
     full = report["full_sync"]
     # The CPUs (simulator and sync share them) do the sync's and the simulator's work in at least
     # this long, however well it is spread over them.
-    report["cpus"] = _cpus()
+    report["cpus"] = usable_cpus()
     report["full_cpu_bound_seconds"] = (
         (full["cpu_seconds"] + full["simulator_cpu_seconds"]) / report["cpus"])
     if "fetch_floor" in report:

@@ -69,9 +69,14 @@ def default_workers() -> int:
     ``MAX_DEFAULT_WORKERS``: none on a single CPU, one on two. (Measured at 100k runs on two
     CPUs shared with the simulator: one worker cut the full sync's wall time by a quarter; two
     took more CPU and memory for no more speed, the sync's own process losing its core to
-    them.) A container's CPU quota counts, not just the host's CPUs it may run on."""
+    them.)"""
+    return max(0, min(usable_cpus() - 1, MAX_DEFAULT_WORKERS))
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may use: those it may run on, within its container's CPU quota."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(0, min(min(cpus or 1, _cpu_quota() or 1 << 16) - 1, MAX_DEFAULT_WORKERS))
+    return min(cpus or 1, _cpu_quota() or 1 << 16)
 
 
 def _cpu_quota(path: str = "/sys/fs/cgroup/cpu.max") -> int | None:
